@@ -1,0 +1,56 @@
+"""Let fairseq checkpoints load under torch's `weights_only=True` default (torch >= 2.6).
+
+fairseq stores its configuration inside each checkpoint: an argparse Namespace (legacy args)
+and omegaconf containers, plus a few plain Python and numpy types in the training state. Those
+are allowlisted here, one by one, with `torch.serialization.add_safe_globals`; the safe
+unpickler stays on for everything else.
+"""
+
+import argparse
+import collections
+import typing
+
+import torch
+
+
+def fairseq_checkpoint_types() -> list:
+    import numpy as np
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import AnyNode, BooleanNode, EnumNode, FloatNode, IntegerNode, StringNode
+
+    types = [
+        argparse.Namespace,
+        DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,
+        BooleanNode,
+        EnumNode,
+        FloatNode,
+        IntegerNode,
+        StringNode,
+        typing.Any,
+        dict,
+        list,
+        int,
+        float,
+        collections.defaultdict,
+        collections.OrderedDict,
+        np.dtype,
+    ]
+    # numpy scalars (e.g. the best validation loss) pickle as numpy._core.multiarray.scalar + dtype classes
+    try:
+        from numpy._core.multiarray import scalar as np_scalar
+
+        types.append(np_scalar)
+    except ImportError:  # numpy < 2
+        pass
+    types.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
+    return [t for t in types if t is not None]
+
+
+def allow_fairseq_checkpoints() -> None:
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.serialization.add_safe_globals(fairseq_checkpoint_types())

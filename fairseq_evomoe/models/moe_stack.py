@@ -1,0 +1,169 @@
+"""fairseq's transformer encoder and decoder with every `moe_freq`-th FFN replaced by an MoE.
+
+How the FFN is swapped, reusing fairseq's layer code unchanged:
+fairseq's layers compute their FFN sub-block inline as
+`fc2(activation_dropout(activation_fn(fc1(x))))` between the residual and the layer norm. An MoE
+layer here makes `fc1` the whole mixture of experts and `activation_fn`, `activation_dropout` and
+`fc2` identities, so fairseq's own `forward` (attention, residuals, norms, dropout, incremental
+state) runs as is and the MoE only replaces the FFN. `--scale-fc` (a LayerNorm between fc1 and
+fc2) is rejected for MoE layers.
+
+Re-expressed from fairseq (and why):
+- the checkpoint/FSDP wrapping of a built layer (`wrap_layer`), because fairseq's
+  `build_*_layer` constructs the dense layer class inside the same method;
+- the layers are swapped after fairseq built the dense stack, since fairseq builds the stack in
+  one list comprehension without telling `build_*_layer` the layer index.
+
+Token ids reach the MoE layers through `routing_tokens`, a context manager that the encoder's
+`forward` and the decoder's `extract_features` open around fairseq's code: the MoE layers read
+them to skip padding and, for the Hash and StableMoE gates, to route by token.
+"""
+
+from contextlib import contextmanager
+from typing import List, Optional
+
+import torch.nn as nn
+from fairseq import utils
+from fairseq.distributed import fsdp_wrap
+from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerEncoderBase
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
+
+from ..moe.experts import ExpertFFNs
+from ..moe.gates.base import build_gate
+from ..moe.layer import MoELayer
+from ..moe.options import moe_layer_indices
+from ..moe.parallel import ExpertParallel
+
+
+def _identity(x):
+    return x
+
+
+def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, padding_idx: Optional[int]) -> MoELayer:
+    """One MoE FFN from the model's (validated) options."""
+    ffn_dim = cfg.moe_expert_ffn_dim or dense_ffn_dim
+    activation_dropout = getattr(cfg, "activation_dropout", 0.0) or getattr(cfg, "relu_dropout", 0.0) or 0.0
+    parallel = ExpertParallel.from_environment(cfg.moe_expert_count)
+    experts = ExpertFFNs(
+        parallel.num_local_experts,
+        model_dim,
+        ffn_dim,
+        utils.get_activation_fn(cfg.activation_fn),
+        activation_dropout,
+    )
+    gate = build_gate(cfg.moe_gate, model_dim, cfg.moe_expert_count, cfg)
+    return MoELayer(
+        gate,
+        experts,
+        capacity_factor=cfg.moe_capacity_factor,
+        eval_capacity_factor=cfg.moe_eval_capacity_factor,
+        drop_policy=cfg.moe_drop_policy,
+        diversify=getattr(cfg, "evomoe_diversify_updates", 0) > 0,
+        padding_idx=padding_idx,
+        parallel=parallel,
+    )
+
+
+class MoEFFNMixin:
+    """Turns a fairseq transformer layer's FFN sub-block into `self.moe` (see module docstring)."""
+
+    def build_fc1(self, *args, **kwargs):
+        return nn.Identity()  # replaced by the MoE; avoids allocating a dense fc1
+
+    def build_fc2(self, *args, **kwargs):
+        return nn.Identity()
+
+    def install_moe(self, moe: MoELayer) -> None:
+        del self.fc1
+        self.moe = moe
+        self.activation_fn = _identity
+        self.activation_dropout_module = nn.Identity()
+
+    @property
+    def fc1(self):
+        return self.moe
+
+
+class MoETransformerEncoderLayer(MoEFFNMixin, TransformerEncoderLayerBase):
+    def __init__(self, cfg, moe: MoELayer, return_fc: bool = False):
+        super().__init__(cfg, return_fc=return_fc)
+        self.install_moe(moe)
+
+
+class MoETransformerDecoderLayer(MoEFFNMixin, TransformerDecoderLayerBase):
+    def __init__(self, cfg, moe: MoELayer, no_encoder_attn: bool = False):
+        super().__init__(cfg, no_encoder_attn=no_encoder_attn)
+        self.install_moe(moe)
+
+
+def wrap_layer(layer: nn.Module, cfg) -> nn.Module:
+    """Activation checkpointing and FSDP wrapping, as fairseq's build_*_layer does."""
+    checkpoint = cfg.checkpoint_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
+    return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
+
+
+def moe_layers_of(module: nn.Module) -> List[MoELayer]:
+    return [m for m in module.modules() if isinstance(m, MoELayer)]
+
+
+@contextmanager
+def routing_tokens(moe_layers: List[MoELayer], tokens):
+    """Let the MoE layers see the token ids [batch, time] of the current forward."""
+    for m in moe_layers:
+        m.routing_tokens = tokens
+    try:
+        yield
+    finally:
+        for m in moe_layers:
+            m.routing_tokens = None
+
+
+class MoETransformerEncoder(TransformerEncoderBase):
+    def __init__(self, cfg, dictionary, embed_tokens, return_fc=False):
+        cfg = TransformerConfig.from_namespace(cfg)
+        super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
+        for i in moe_layer_indices(len(self.layers), cfg.moe_freq):
+            moe = build_moe_layer(cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, dictionary.pad())
+            moe.layer_name = f"enc{i}"
+            self.layers[i] = wrap_layer(MoETransformerEncoderLayer(cfg, moe, return_fc=return_fc), cfg)
+        self.moe_layers = moe_layers_of(self.layers)
+
+    def forward(self, src_tokens, src_lengths=None, return_all_hiddens: bool = False, token_embeddings=None):
+        with routing_tokens(self.moe_layers, src_tokens):
+            return super().forward(src_tokens, src_lengths, return_all_hiddens, token_embeddings)
+
+
+class MoETransformerDecoder(TransformerDecoderBase):
+    def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
+        cfg = TransformerConfig.from_namespace(cfg)
+        super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection)
+        for i in moe_layer_indices(len(self.layers), cfg.moe_freq):
+            moe = build_moe_layer(cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim, dictionary.pad())
+            moe.layer_name = f"dec{i}"
+            self.layers[i] = wrap_layer(MoETransformerDecoderLayer(cfg, moe, no_encoder_attn=no_encoder_attn), cfg)
+        self.moe_layers = moe_layers_of(self.layers)
+
+    def extract_features(
+        self,
+        prev_output_tokens,
+        encoder_out=None,
+        incremental_state=None,
+        full_context_alignment: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+    ):
+        # with an incremental state fairseq feeds only the last position through the layers
+        tokens = prev_output_tokens[:, -1:] if incremental_state is not None else prev_output_tokens
+        with routing_tokens(self.moe_layers, tokens):
+            return super().extract_features(
+                prev_output_tokens,
+                encoder_out,
+                incremental_state,
+                full_context_alignment=full_context_alignment,
+                alignment_layer=alignment_layer,
+                alignment_heads=alignment_heads,
+            )

@@ -1,0 +1,76 @@
+"""Expert FFNs stored as batched weights and computed as one grouped matmul.
+
+Each expert is fairseq's FFN: fc2(dropout(act(fc1(x)))). The weights of all local experts live in
+one tensor per projection (fc1_weight: [E, F, M], like nn.Linear's [out, in]), so an optimizer
+sees four parameters per layer whatever E is, and a checkpoint stores them compactly.
+
+The grouped matmul splits the expert-sorted tokens into contiguous groups and multiplies each
+group by its expert's weights. The weights are split with `unbind`, whose backward stacks the
+per-expert gradients into one tensor; indexing `W[e]` per expert would instead allocate and add a
+full-size gradient for every expert (E times the memory traffic).
+"""
+
+import math
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class ExpertFFNs(nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        model_dim: int,
+        ffn_dim: int,
+        activation_fn: Callable[[Tensor], Tensor],
+        activation_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.model_dim = model_dim
+        self.ffn_dim = ffn_dim
+        self.activation_fn = activation_fn
+        self.activation_dropout = activation_dropout
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, ffn_dim, model_dim))
+        self.fc1_bias = nn.Parameter(torch.empty(num_experts, ffn_dim))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, model_dim, ffn_dim))
+        self.fc2_bias = nn.Parameter(torch.empty(num_experts, model_dim))
+        for p in self.parameters():
+            p.expert = True  # read by expert parallelism: not averaged across data-parallel workers
+        self.reset_parameters()
+
+    def reset_parameters(self, std: Optional[float] = None, generator: Optional[torch.Generator] = None):
+        """nn.Linear's default init per expert, or normal(0, std) with zero bias (BERT-style)."""
+        with torch.no_grad():
+            for w, b in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
+                if std is not None:
+                    w.normal_(0.0, std, generator=generator)
+                    b.zero_()
+                else:
+                    bound = 1.0 / math.sqrt(w.shape[-1])
+                    w.uniform_(-bound, bound, generator=generator)
+                    b.uniform_(-bound, bound, generator=generator)
+
+    def expert_forward(self, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        h = self.activation_fn(F.linear(x, w1, b1))
+        h = F.dropout(h, p=self.activation_dropout, training=self.training)
+        return F.linear(h, w2, b2)
+
+    def forward(self, x: Tensor, counts: List[int]) -> Tensor:
+        """x: [sum(counts), M] tokens grouped by expert (counts[e] rows for expert e)."""
+        assert len(counts) == self.num_experts, (len(counts), self.num_experts)
+        if x.shape[0] == 0:
+            # keep every parameter in the graph so that gradients exist (zeros)
+            return x + 0.0 * sum(p.sum() for p in self.parameters()).to(x.dtype)
+        params = zip(self.fc1_weight.unbind(0), self.fc1_bias.unbind(0), self.fc2_weight.unbind(0), self.fc2_bias.unbind(0))
+        outs = [self.expert_forward(xe, *p) for xe, p in zip(x.split(counts), params) if xe.shape[0] > 0]
+        return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+
+    def forward_one(self, x: Tensor, expert: int) -> Tensor:
+        """One expert on all of x (the dense FFN of the expert-diversify phase, and tests)."""
+        return self.expert_forward(
+            x, self.fc1_weight[expert], self.fc1_bias[expert], self.fc2_weight[expert], self.fc2_bias[expert]
+        )

@@ -1,0 +1,155 @@
+"""The gate interface shared by every routing policy.
+
+A gate looks at the non-padding tokens of one MoE layer and decides, for each token, which experts
+process it and with what weight. The answer is a flat list of (token, expert) *assignments*, so a
+gate may give each token any number of experts: one (Switch), two (GShard), a dynamic number (the
+Dense-To-Sparse gate) or all of them (dense MoE).
+
+Gates never move tokens; `moe.dispatch` applies capacity and groups the assignments by expert.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class Routing:
+    """The routing decision for S tokens and E experts, as P (token, expert) assignments.
+
+    token_idx, expert_idx: LongTensor [P]; which token goes to which expert.
+    weight: float tensor [P]; the combine weight of each assignment (differentiable).
+    priority: float tensor [P]; higher is kept first when an expert overflows its capacity
+        (batch-prioritized routing). Detached.
+    rank: LongTensor [P] or None; the choice order (0 = first choice, 1 = second, ...). Every
+        first choice is served before any second choice, as in GShard. None means all 0.
+    probs: float tensor [S, E] or None; the router's probabilities, for entropy statistics.
+    balance_loss, z_loss: scalar tensors (0 when the gate has none).
+    droppable: False when capacity must not drop anything (soft DTS routing, evaluation).
+    """
+
+    token_idx: Tensor
+    expert_idx: Tensor
+    weight: Tensor
+    priority: Tensor
+    rank: Optional[Tensor]
+    probs: Optional[Tensor]
+    balance_loss: Tensor
+    z_loss: Tensor
+    droppable: bool = True
+    # assignments per token that the capacity formula budgets for (1 for top-1, 2 for top-2)
+    capacity_k: int = 1
+
+
+class Gate(nn.Module):
+    """Base class: `forward(x, token_ids) -> Routing` for x of shape [S, model_dim]."""
+
+    # set by register_gate
+    name: str = ""
+
+    def __init__(self, model_dim: int, num_experts: int, args):
+        super().__init__()
+        self.model_dim = model_dim
+        self.num_experts = num_experts
+        self.args = args
+
+    @property
+    def uses_router(self) -> bool:
+        """Whether the gate has a learned router whose logits drive routing."""
+        return True
+
+    def forward(self, x: Tensor, token_ids: Optional[Tensor]) -> Routing:  # pragma: no cover
+        raise NotImplementedError
+
+    def state_for_logging(self) -> Dict[str, float]:
+        """Scalars about the gate's schedule (temperature, stage...) for the criterion's log."""
+        return {}
+
+
+class LinearRouter(nn.Module):
+    """`logits = W_g x` in fp32, with optional input jitter and a non-finite guard."""
+
+    def __init__(self, model_dim: int, num_experts: int, jitter: float = 0.0):
+        super().__init__()
+        self.wg = nn.Linear(model_dim, num_experts, bias=False)
+        self.jitter = jitter
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None):
+        # nn.Linear's default bound, but drawable from a seeded generator (fresh gate at a spawn)
+        bound = 1.0 / self.wg.in_features ** 0.5
+        with torch.no_grad():
+            self.wg.weight.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float()
+        if self.training and self.jitter > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x = x * noise
+        logits = F.linear(x, self.wg.weight.float())
+        return finite_logits(logits)
+
+
+def finite_logits(logits: Tensor) -> Tensor:
+    """Replace NaN by 0 and +-inf by large finite values so one bad token cannot poison routing."""
+    if torch.isfinite(logits).all():
+        return logits
+    return torch.nan_to_num(logits, nan=0.0, posinf=1e4, neginf=-1e4)
+
+
+def switch_balance_loss(probs: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
+    """Switch Transformer load-balancing loss: E * sum_e f_e * P_e.
+
+    probs: [S, E] router probabilities; expert_idx: [S] the expert each token chose.
+    f_e: fraction of tokens sent to e; P_e: mean router probability of e. A uniform router
+    gives exactly 1.
+    """
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    frac = torch.bincount(expert_idx, minlength=num_experts).to(probs.dtype) / probs.shape[0]
+    return num_experts * torch.sum(frac * probs.mean(dim=0))
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+@dataclass
+class GateSpec:
+    cls: Type[Gate]
+    options: Optional[type]  # a dataclass of the gate's command-line options, or None
+
+
+GATE_REGISTRY: Dict[str, GateSpec] = {}
+
+
+def register_gate(name: str, options: Optional[type] = None) -> Callable[[Type[Gate]], Type[Gate]]:
+    """Class decorator: make a gate selectable with `--moe-gate NAME`.
+
+    `options` is a dataclass whose fields (with `help=` metadata) become command-line options of
+    every MoE architecture.
+    """
+
+    def wrapper(cls: Type[Gate]) -> Type[Gate]:
+        if name in GATE_REGISTRY:
+            raise ValueError(f"gate {name!r} is registered twice")
+        cls.name = name
+        GATE_REGISTRY[name] = GateSpec(cls, options)
+        return cls
+
+    return wrapper
+
+
+def build_gate(name: str, model_dim: int, num_experts: int, args) -> Gate:
+    if name not in GATE_REGISTRY:
+        raise ValueError(
+            f"--moe-gate {name!r} is not a known gate; choose one of: {', '.join(sorted(GATE_REGISTRY))}"
+        )
+    return GATE_REGISTRY[name].cls(model_dim, num_experts, args)

@@ -1,0 +1,152 @@
+"""MoELayer: gate -> dispatch -> experts -> combine, for the FFN slot of a transformer layer.
+
+The layer takes hidden states of any shape [..., M] and returns the same shape. Padding tokens
+are never routed (their output is 0, so the residual passes them through) and never enter the
+balance loss. Tokens that lose every expert to capacity also output 0.
+
+After each forward the layer leaves `self.metadata`: its balance loss and z-loss (tensors in the
+graph) and routing statistics (detached tensors, no host sync), which the MoE criteria read.
+"""
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .dispatch import DispatchPlan, expert_capacity, plan_dispatch
+from .experts import ExpertFFNs
+from .gates.base import Gate, Routing
+from .parallel import ExpertParallel
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self,
+        gate: Gate,
+        experts: ExpertFFNs,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 0.0,
+        drop_policy: str = "score",
+        diversify: bool = False,
+        padding_idx: Optional[int] = None,
+        parallel: Optional[ExpertParallel] = None,
+    ):
+        super().__init__()
+        self.gate = gate
+        self.experts = experts
+        self.num_experts = gate.num_experts
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = capacity_factor if eval_capacity_factor < 0 else eval_capacity_factor
+        self.drop_policy = drop_policy
+        self.padding_idx = padding_idx
+        self.parallel = parallel if parallel is not None else ExpertParallel.single_process(self.num_experts)
+        # False while the expert-diversify phase runs the base expert as a dense FFN
+        self.register_buffer("spawned", torch.tensor(not diversify))
+        self.layer_name = ""  # set by the model, used in logs
+        self.metadata: Dict[str, Tensor] = {}
+        # token ids [batch, time] of the current forward, set by the encoder/decoder (RoutingContext)
+        self.routing_tokens: Optional[Tensor] = None
+
+    @property
+    def is_sparse(self) -> bool:
+        return bool(self.spawned)
+
+    def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> Tensor:
+        """x: [T, B, M] (fairseq's layout) or [S, M]; token_ids: [B, T] / [S] or None."""
+        if token_ids is None:
+            token_ids = self.routing_tokens
+        shape = x.shape
+        x_flat = x.reshape(-1, shape[-1])
+        ids_flat = None
+        if token_ids is not None:
+            ids_flat = (token_ids.transpose(0, 1) if x.dim() == 3 else token_ids).reshape(-1)
+            assert ids_flat.numel() == x_flat.shape[0], "routing tokens do not match the hidden states"
+        if ids_flat is not None and self.padding_idx is not None:
+            keep = (ids_flat != self.padding_idx).nonzero().squeeze(1)
+            x_tok, ids_tok = x_flat[keep], ids_flat[keep]
+        else:
+            keep, x_tok, ids_tok = None, x_flat, ids_flat
+
+        if self.is_sparse:
+            y_tok = self.sparse_forward(x_tok, ids_tok)
+        else:
+            y_tok = self.dense_forward(x_tok)
+
+        if keep is None:
+            return y_tok.reshape(shape)
+        out = x_flat.new_zeros(x_flat.shape)
+        out = out.index_copy(0, keep, y_tok)
+        return out.reshape(shape)
+
+    # -- the two regimes -------------------------------------------------------------------
+
+    def dense_forward(self, x: Tensor) -> Tensor:
+        """Expert-diversify phase: the base expert (expert 0) as a plain FFN; no gate, no loss."""
+        y = self.experts.forward_one(x, 0)
+        # the gate gets an exact zero gradient (keeps data-parallel reducers consistent)
+        zero = sum((p.sum() for p in self.gate.parameters()), x.new_zeros((), dtype=torch.float)) * 0.0
+        n = x.shape[0]
+        zeros_e = x.new_zeros(self.num_experts, dtype=torch.float)
+        zeros_e[0] = n
+        self.metadata = {
+            "balance_loss": x.new_zeros((), dtype=torch.float) + zero,
+            "z_loss": x.new_zeros((), dtype=torch.float),
+            "num_tokens": torch.tensor(float(n)),
+            "tokens_per_expert": zeros_e.detach(),
+            "routed_per_expert": zeros_e.detach(),
+            "dropped_frac": torch.tensor(0.0),
+            "experts_per_token": torch.tensor(1.0),
+            "router_entropy": torch.tensor(0.0),
+        }
+        return y + zero.to(y.dtype)
+
+    def capacity(self, num_tokens: int, k: int) -> Optional[int]:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return expert_capacity(num_tokens, self.num_experts, factor, k)
+
+    def sparse_forward(self, x: Tensor, token_ids: Optional[Tensor]) -> Tensor:
+        routing = self.gate(x, token_ids)
+        plan = plan_dispatch(routing, self.num_experts, self.capacity(x.shape[0], routing.capacity_k), self.drop_policy)
+        assign = plan.order
+        tokens = routing.token_idx[assign]
+        expert_in = x[tokens]
+        expert_out = self.parallel.run_experts(self.experts, expert_in, plan.counts)
+        weight = routing.weight[assign].to(expert_out.dtype)
+        out = x.new_zeros(x.shape).index_add(0, tokens, expert_out * weight.unsqueeze(1))
+        self.metadata = self.routing_stats(routing, plan, x.shape[0])
+        return out
+
+    def routing_stats(self, routing: Routing, plan: DispatchPlan, num_tokens: int) -> Dict[str, Tensor]:
+        with torch.no_grad():
+            n = max(num_tokens, 1)
+            routed = plan.routed_counts.float()
+            stats = {
+                "num_tokens": torch.tensor(float(num_tokens)),
+                "tokens_per_expert": plan.counts.float(),
+                "routed_per_expert": routed,
+                "dropped_frac": plan.num_dropped.float() / routed.sum().clamp(min=1),
+                "experts_per_token": routed.sum() / n,
+            }
+            if routing.probs is not None and routing.probs.shape[0] > 0:
+                p = routing.probs.float()
+                stats["router_entropy"] = -(p * torch.log(p.clamp(min=1e-9))).sum(-1).mean()
+            else:
+                stats["router_entropy"] = torch.tensor(0.0)
+        stats["balance_loss"] = routing.balance_loss.float()
+        stats["z_loss"] = routing.z_loss.float()
+        return stats
+
+    # -- a slow, obviously correct reference, for tests only ---------------------------------
+
+    def reference_forward(self, x: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
+        """Every expert on every token, mixed by a dense [S, E] weight matrix built from `plan`."""
+        assign = plan.order
+        combine = x.new_zeros(x.shape[0], self.num_experts, dtype=torch.float)
+        combine = combine.index_put(
+            (routing.token_idx[assign], routing.expert_idx[assign]), routing.weight[assign].float(), accumulate=True
+        )
+        out = x.new_zeros(x.shape)
+        for e in range(self.num_experts):
+            out = out + self.experts.forward_one(x, e) * combine[:, e : e + 1].to(x.dtype)
+        return out

@@ -1,0 +1,114 @@
+"""Command-line options of the MoE architectures, their defaults and their validation.
+
+Options live in dataclasses with `help=` metadata (fairseq's convention): `MoEOptions` for the
+layer, plus one dataclass per gate or feature registered with `register_options` (each gate
+module registers its own). Architectures add them all to the parser without defaults, so named
+variants can set their own; `apply_defaults` fills what neither the user nor the variant set.
+"""
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import List, Optional
+
+from fairseq.dataclass import FairseqDataclass
+
+from .dispatch import DROP_POLICIES
+from .gates.base import GATE_REGISTRY
+
+
+@dataclass
+class MoEOptions(FairseqDataclass):
+    moe_expert_count: int = field(default=4, metadata={"help": "number of experts in each MoE layer (default 4)"})
+    moe_freq: int = field(
+        default=2,
+        metadata={"help": "layer i (0-based) of each stack is MoE when (i+1) %% moe_freq == 0; 0 = no MoE layer (default 2)"},
+    )
+    moe_expert_ffn_dim: Optional[int] = field(
+        default=None, metadata={"help": "hidden size of each expert FFN (default: the dense FFN's size)"}
+    )
+    moe_gate: str = field(default="top1", metadata={"help": "routing gate (default top1); see --moe-gate choices in the error message"})
+    moe_capacity_factor: float = field(
+        default=1.0,
+        metadata={"help": "training capacity: each expert takes ceil(f * k * tokens / experts) assignments; 0 = dropless (default 1.0)"},
+    )
+    moe_eval_capacity_factor: float = field(
+        default=0.0,
+        metadata={"help": "capacity factor at validation and generation; 0 = dropless, -1 = same as training (default 0)"},
+    )
+    moe_drop_policy: str = field(
+        default="score",
+        metadata={"help": "which assignments an overflowing expert keeps: score (highest gate weight, batch-prioritized) or position (arrival order)"},
+    )
+    moe_router_jitter: float = field(
+        default=0.0, metadata={"help": "multiply router inputs by U(1-eps, 1+eps) during training (Switch); 0 = off"}
+    )
+    moe_seed: int = field(default=1, metadata={"help": "seed of MoE-specific randomness (expert spawning, hash tables)"})
+
+
+OPTION_CLASSES: List[type] = [MoEOptions]
+
+
+def register_options(cls: type) -> type:
+    """Add a dataclass of options to every MoE architecture's command line."""
+    if cls not in OPTION_CLASSES:
+        OPTION_CLASSES.append(cls)
+    return cls
+
+
+def all_option_classes() -> List[type]:
+    classes = list(OPTION_CLASSES)
+    for spec in GATE_REGISTRY.values():
+        if spec.options is not None and spec.options not in classes:
+            classes.append(spec.options)
+    return classes
+
+
+def add_moe_args(parser) -> None:
+    from fairseq.dataclass.utils import gen_parser_from_dataclass
+
+    for cls in all_option_classes():
+        gen_parser_from_dataclass(parser, cls(), delete_default=True)
+
+
+def apply_defaults(args) -> None:
+    """Set every MoE option that is still missing on `args` to its dataclass default."""
+    for cls in all_option_classes():
+        for f in fields(cls):
+            if getattr(args, f.name, None) is None and f.default is not MISSING:
+                setattr(args, f.name, f.default)
+
+
+def moe_layer_indices(num_layers: int, moe_freq: int) -> List[int]:
+    """Indices of the MoE layers in a stack of `num_layers`: (i + 1) % moe_freq == 0."""
+    if moe_freq == 0:
+        return []
+    return [i for i in range(num_layers) if (i + 1) % moe_freq == 0]
+
+
+def validate(args, stacks) -> None:
+    """Reject bad MoE settings before anything is built; `stacks` maps a stack name to its layer count."""
+
+    def bad(msg):
+        raise ValueError(msg)
+
+    if args.moe_expert_count < 1:
+        bad(f"--moe-expert-count must be >= 1, got {args.moe_expert_count}")
+    if args.moe_freq < 0:
+        bad(f"--moe-freq must be >= 0 (0 = no MoE layer), got {args.moe_freq}")
+    for name, layers in stacks.items():
+        if args.moe_freq > layers:
+            bad(f"--moe-freq {args.moe_freq} is larger than the {layers} layers of the {name}: no layer would be MoE; "
+                f"use 1..{layers}, or 0 for a dense model")
+    if args.moe_gate not in GATE_REGISTRY:
+        bad(f"--moe-gate {args.moe_gate!r} is not a known gate; choose one of: {', '.join(sorted(GATE_REGISTRY))}")
+    if args.moe_capacity_factor < 0:
+        bad(f"--moe-capacity-factor must be >= 0 (0 = dropless), got {args.moe_capacity_factor}")
+    if args.moe_eval_capacity_factor < 0 and args.moe_eval_capacity_factor != -1:
+        bad(f"--moe-eval-capacity-factor must be >= 0 (0 = dropless) or -1 (same as training), got {args.moe_eval_capacity_factor}")
+    if args.moe_drop_policy not in DROP_POLICIES:
+        bad(f"--moe-drop-policy {args.moe_drop_policy!r} is not valid; choose one of: {', '.join(DROP_POLICIES)}")
+    if args.moe_expert_ffn_dim is not None and args.moe_expert_ffn_dim < 1:
+        bad(f"--moe-expert-ffn-dim must be >= 1, got {args.moe_expert_ffn_dim}")
+    if not 0 <= args.moe_router_jitter < 1:
+        bad(f"--moe-router-jitter must be in [0, 1), got {args.moe_router_jitter}")
+    if getattr(args, "scale_fc", False):
+        bad("--scale-fc (a LayerNorm inside the FFN) is not supported in MoE layers")

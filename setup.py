@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fairseq-evomoe",
+    version="0.1.0",
+    description="EvoMoE (dense-to-sparse gate, expert-diversify) and MoE baselines as a fairseq user dir",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["fairseq_evomoe", "fairseq_evomoe.*"]),
+    python_requires=">=3.8",
+    install_requires=[
+        # official fairseq cannot be imported on Python >= 3.11; fairseq-fixed is the maintained fork
+        'fairseq-fixed==0.12.3.1; python_version >= "3.11"',
+        'fairseq==0.12.2; python_version < "3.11"',
+        "torch>=1.13",
+        "numpy",
+        "sacrebleu>=2.0",
+        "sentencepiece",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)

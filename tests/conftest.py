@@ -1,0 +1,77 @@
+"""Shared fixtures: the shipped real corpora (../shared/data), binarized once per test session,
+and a helper that runs the real fairseq command-line tools with `--user-dir fairseq_evomoe`."""
+
+import gzip
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+USER_DIR = str(REPO / "fairseq_evomoe")
+
+
+def shared_data_dir() -> Path:
+    d = Path(os.environ.get("EVOMOE_DATA", REPO.parent / "shared" / "data"))
+    if not (d / "multi30k").is_dir():
+        raise RuntimeError(f"the shipped corpora were not found in {d}; set EVOMOE_DATA to the shared/data folder")
+    return d
+
+
+def cli(tool: str) -> str:
+    """Path of a fairseq console script installed next to this Python."""
+    path = Path(sys.executable).parent / tool
+    return str(path) if path.exists() else tool
+
+
+def run_cli(tool: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [cli(tool), *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _head(src: Path, dst: Path, n: int, start: int = 0):
+    opener = gzip.open if src.suffix == ".gz" else open
+    with opener(src, "rt", encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as out:
+        for line in itertools.islice(f, start, start + n):
+            out.write(line)
+
+
+@pytest.fixture(scope="session")
+def mt_data(tmp_path_factory) -> Path:
+    """Multi30k De->En: 3,000 training pairs, 200 valid, 100 test, joined dictionary."""
+    raw = tmp_path_factory.mktemp("multi30k_raw")
+    src = shared_data_dir() / "multi30k"
+    for lang in ("de", "en"):
+        _head(src / f"train.{lang}", raw / f"train.{lang}", 3000)
+        _head(src / f"val.{lang}", raw / f"valid.{lang}", 200)
+        _head(src / f"test_2016_flickr.{lang}", raw / f"test.{lang}", 100)
+    out = tmp_path_factory.mktemp("multi30k_bin")
+    run_cli(
+        "fairseq-preprocess", "--source-lang", "de", "--target-lang", "en",
+        "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+        "--destdir", out, "--joined-dictionary", "--workers", "1", "--thresholdsrc", "2", "--thresholdtgt", "2",
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def lm_data(tmp_path_factory) -> Path:
+    """WikiText-2 (tokenized): 2,000 training lines, 200 valid, 200 test."""
+    raw = tmp_path_factory.mktemp("wikitext2_raw")
+    src = shared_data_dir() / "wikitext-2"
+    _head(src / "train.txt.gz", raw / "train.txt", 2000)
+    _head(src / "valid.txt", raw / "valid.txt", 200)
+    _head(src / "test.txt", raw / "test.txt", 200)
+    out = tmp_path_factory.mktemp("wikitext2_bin")
+    run_cli(
+        "fairseq-preprocess", "--only-source", "--trainpref", raw / "train.txt", "--validpref", raw / "valid.txt",
+        "--testpref", raw / "test.txt", "--destdir", out, "--workers", "1", "--thresholdsrc", "2",
+    )
+    return out

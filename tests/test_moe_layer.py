@@ -1,0 +1,177 @@
+"""The MoE layer: fast index dispatch equals the dense reference; capacity, padding, balance loss."""
+
+import pytest
+import torch
+
+from fairseq_evomoe.moe.dispatch import expert_capacity, plan_dispatch
+from fairseq_evomoe.moe.gates.base import GATE_REGISTRY, switch_balance_loss
+
+from moe_helpers import PAD, fast_and_reference, make_layer
+
+# gates whose reference check runs on plain hidden states (every registered gate takes token ids too)
+ALL_GATES = sorted(GATE_REGISTRY)
+
+
+def token_ids_for(n, vocab=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (n,), generator=g)
+
+
+@pytest.mark.parametrize("gate", ALL_GATES)
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5, 1.0])
+def test_fast_path_equals_dense_reference(gate, capacity_factor):
+    layer = make_layer(gate, capacity_factor=capacity_factor)
+    layer.train()
+    x = torch.randn(64, 16, requires_grad=True)
+    ids = token_ids_for(64)
+    fast, ref = fast_and_reference(layer, x, ids)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+    # gradients w.r.t. the input and every parameter agree too
+    g = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad((fast * g).sum(), [x] + list(layer.parameters()), allow_unused=True)
+    fast2, ref2 = fast_and_reference(layer, x, ids)
+    grads_ref = torch.autograd.grad((ref2 * g).sum(), [x] + list(layer.parameters()), allow_unused=True)
+    params = [x] + list(layer.parameters())
+    for p, a, b in zip(params, grads_fast, grads_ref):
+        a = torch.zeros_like(p) if a is None else a  # an expert that got no token has no gradient
+        b = torch.zeros_like(p) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate", ALL_GATES)
+def test_padding_is_never_routed(gate):
+    layer = make_layer(gate, capacity_factor=1.0)
+    layer.eval()
+    T, B, M = 7, 3, 16
+    x = torch.randn(T, B, M)
+    ids = token_ids_for(T * B).view(B, T)
+    ids[0, 5:] = PAD
+    ids[2, 2:] = PAD
+    out = layer(x, ids)
+    pad = ids.eq(PAD).t()  # [T, B]
+    assert torch.all(out[pad] == 0), "padding positions must get no expert output"
+    n_real = int((~pad).sum())
+    assert layer.metadata["num_tokens"].item() == n_real
+    # padding content does not change the outputs of real tokens
+    x2 = x.clone()
+    x2[pad] = torch.randn(int(pad.sum()), M) * 100
+    torch.testing.assert_close(layer(x2, ids)[~pad], out[~pad])
+
+
+def test_capacity_drops_lowest_scores_and_keeps_counts():
+    layer = make_layer("top1", capacity_factor=0.5)
+    layer.train()
+    x = torch.randn(40, 16)
+    routing = layer.gate(x, None)
+    cap = layer.capacity(40, 1)
+    assert cap == expert_capacity(40, 4, 0.5) == 5
+    plan = plan_dispatch(routing, 4, cap, "score")
+    assert int(plan.counts.max()) <= cap
+    assert torch.equal(plan.counts, plan.routed_counts.clamp(max=cap))
+    # within each expert the kept assignments are the highest-priority ones
+    kept = set(plan.order.tolist())
+    for e in range(4):
+        mine = (routing.expert_idx == e).nonzero().squeeze(1)
+        if len(mine) <= cap:
+            continue
+        kept_scores = routing.priority[[i for i in mine.tolist() if i in kept]]
+        dropped_scores = routing.priority[[i for i in mine.tolist() if i not in kept]]
+        assert kept_scores.min() >= dropped_scores.max()
+
+
+def test_position_policy_keeps_earliest_tokens():
+    layer = make_layer("top1", capacity_factor=0.5, drop_policy="position")
+    x = torch.randn(40, 16)
+    routing = layer.gate(x, None)
+    plan = plan_dispatch(routing, 4, 5, "position")
+    kept = set(plan.order.tolist())
+    for e in range(4):
+        mine = (routing.expert_idx == e).nonzero().squeeze(1).tolist()
+        assert [i for i in mine if i in kept] == mine[:5]
+
+
+def test_top2_serves_first_choices_before_second_choices():
+    layer = make_layer("top2", capacity_factor=0.5, moe_second_expert_policy="all")
+    layer.train()
+    x = torch.randn(64, 16)
+    routing = layer.gate(x, None)
+    plan = plan_dispatch(routing, 4, layer.capacity(64, 2), "score")
+    kept = torch.zeros(routing.expert_idx.numel(), dtype=torch.bool)
+    kept[plan.order] = True
+    for e in range(4):
+        mine = routing.expert_idx == e
+        if kept[mine & (routing.rank == 1)].any():
+            assert kept[mine & (routing.rank == 0)].all(), "a second choice was kept while a first choice was dropped"
+
+
+def test_dropped_tokens_pass_through_as_zero():
+    layer = make_layer("top1", capacity_factor=0.1)
+    layer.train()
+    x = torch.randn(50, 16)
+    out = layer.sparse_forward(x, None)
+    routing = layer.gate(x, None)
+    plan = plan_dispatch(routing, 4, layer.capacity(50, 1), "score")
+    dropped = torch.ones(50, dtype=torch.bool)
+    dropped[routing.token_idx[plan.order]] = False
+    assert dropped.any()
+    assert torch.all(out[dropped] == 0)
+    assert layer.metadata["dropped_frac"].item() == pytest.approx(dropped.float().mean().item())
+
+
+def test_uniform_router_gives_balance_loss_one():
+    S, E = 64, 8
+    probs = torch.full((S, E), 1.0 / E)
+    choice = torch.arange(S) % E
+    assert switch_balance_loss(probs, choice, E).item() == pytest.approx(1.0)
+    # with a zero router every gate of the top-k family is uniform as well
+    layer = make_layer("top1", num_experts=E)
+    torch.nn.init.zeros_(layer.gate.router.wg.weight)
+    x = torch.randn(S, 16)
+    loss = layer.gate(x, None).balance_loss
+    assert loss.item() == pytest.approx(1.0)
+
+
+def test_balance_loss_ignores_padding():
+    layer = make_layer("top1")
+    layer.train()
+    T, B = 6, 4
+    x = torch.randn(T, B, 16)
+    ids = token_ids_for(T * B).view(B, T)
+    layer(x, ids)
+    loss_no_pad = layer.metadata["balance_loss"].item()
+    # add padded columns with arbitrary hidden states: the loss must not move
+    ids_padded = torch.cat([ids, torch.full((B, 3), PAD)], dim=1)
+    x_padded = torch.cat([x, torch.randn(3, B, 16) * 10], dim=0)
+    layer(x_padded, ids_padded)
+    assert layer.metadata["balance_loss"].item() == pytest.approx(loss_no_pad, rel=1e-6)
+
+
+def test_non_finite_inputs_do_not_break_routing():
+    layer = make_layer("top1")
+    x = torch.randn(10, 16)
+    x[3, 0] = float("inf")
+    x[4, 1] = float("nan")
+    routing = layer.gate(x, None)
+    assert torch.isfinite(routing.weight).all()
+    assert ((routing.expert_idx >= 0) & (routing.expert_idx < 4)).all()
+
+
+def test_expert_capacity_formula():
+    assert expert_capacity(100, 4, 0.0) is None
+    assert expert_capacity(100, 4, 1.0) == 25
+    assert expert_capacity(100, 4, 1.25, k=2) == 63
+    with pytest.raises(ValueError, match="capacity factor"):
+        expert_capacity(100, 4, -1.0)
+
+
+def test_stats_are_reported():
+    layer = make_layer("top2", capacity_factor=1.0)
+    layer.train()
+    layer(torch.randn(5, 4, 16), token_ids_for(20).view(4, 5))
+    md = layer.metadata
+    for key in ("balance_loss", "z_loss", "tokens_per_expert", "dropped_frac", "experts_per_token", "router_entropy"):
+        assert key in md
+    assert md["tokens_per_expert"].shape == (4,)
+    assert 1.0 <= md["experts_per_token"].item() <= 2.0
+    assert 0 < md["router_entropy"].item() <= torch.log(torch.tensor(4.0)).item() + 1e-6

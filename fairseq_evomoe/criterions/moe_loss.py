@@ -81,6 +81,9 @@ class MoELossMixin:
             z = torch.stack([m.metadata["z_loss"] for m in layers])
             reduce = torch.sum if self.moe_gate_loss_combine_method == "sum" else torch.mean
             gate_term = sample_size * (self.moe_gate_loss_wt * reduce(balance) + self.moe_z_loss_wt * reduce(z))
+            extra = [m.metadata["extra_loss"] for m in layers if "extra_loss" in m.metadata]
+            if extra:  # e.g. StableMoE's routing distillation, weighted by the gate itself
+                gate_term = gate_term + sample_size * reduce(torch.stack(extra))
             gate_term = gate_term.to(loss.dtype)
             loss = loss + gate_term
         logging_output["loss"] = loss.data

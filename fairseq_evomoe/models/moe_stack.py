@@ -40,7 +40,7 @@ def _identity(x):
     return x
 
 
-def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, padding_idx: Optional[int]) -> MoELayer:
+def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, dictionary) -> MoELayer:
     """One MoE FFN from the model's (validated) options."""
     ffn_dim = cfg.moe_expert_ffn_dim or dense_ffn_dim
     activation_dropout = getattr(cfg, "activation_dropout", 0.0) or getattr(cfg, "relu_dropout", 0.0) or 0.0
@@ -52,7 +52,7 @@ def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, padding_idx: Option
         utils.get_activation_fn(cfg.activation_fn),
         activation_dropout,
     )
-    gate = build_gate(cfg.moe_gate, model_dim, cfg.moe_expert_count, cfg)
+    gate = build_gate(cfg.moe_gate, model_dim, cfg.moe_expert_count, cfg, dictionary=dictionary)
     return MoELayer(
         gate,
         experts,
@@ -60,7 +60,7 @@ def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, padding_idx: Option
         eval_capacity_factor=cfg.moe_eval_capacity_factor,
         drop_policy=cfg.moe_drop_policy,
         diversify=getattr(cfg, "evomoe_diversify_updates", 0) > 0,
-        padding_idx=padding_idx,
+        padding_idx=dictionary.pad(),
         parallel=parallel,
     )
 
@@ -127,7 +127,7 @@ class MoETransformerEncoder(TransformerEncoderBase):
         cfg = TransformerConfig.from_namespace(cfg)
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
         for i in moe_layer_indices(len(self.layers), cfg.moe_freq):
-            moe = build_moe_layer(cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, dictionary.pad())
+            moe = build_moe_layer(cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, dictionary)
             moe.layer_name = f"enc{i}"
             self.layers[i] = wrap_layer(MoETransformerEncoderLayer(cfg, moe, return_fc=return_fc), cfg)
         self.moe_layers = moe_layers_of(self.layers)
@@ -142,7 +142,7 @@ class MoETransformerDecoder(TransformerDecoderBase):
         cfg = TransformerConfig.from_namespace(cfg)
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection)
         for i in moe_layer_indices(len(self.layers), cfg.moe_freq):
-            moe = build_moe_layer(cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim, dictionary.pad())
+            moe = build_moe_layer(cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim, dictionary)
             moe.layer_name = f"dec{i}"
             self.layers[i] = wrap_layer(MoETransformerDecoderLayer(cfg, moe, no_encoder_attn=no_encoder_attn), cfg)
         self.moe_layers = moe_layers_of(self.layers)

@@ -135,6 +135,8 @@ class MoELayer(nn.Module):
                 stats["router_entropy"] = torch.tensor(0.0)
         stats["balance_loss"] = routing.balance_loss.float()
         stats["z_loss"] = routing.z_loss.float()
+        if routing.extra_loss is not None:
+            stats["extra_loss"] = routing.extra_loss.float()
         return stats
 
     # -- a slow, obviously correct reference, for tests only ---------------------------------

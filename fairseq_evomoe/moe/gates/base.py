@@ -29,6 +29,8 @@ class Routing:
         first choice is served before any second choice, as in GShard. None means all 0.
     probs: float tensor [S, E] or None; the router's probabilities, for entropy statistics.
     balance_loss, z_loss: scalar tensors (0 when the gate has none).
+    extra_loss: a scalar the gate wants minimised besides the balance loss (e.g. StableMoE's
+        routing distillation); the criterion adds it with weight 1 (x sample size).
     droppable: False when capacity must not drop anything (soft DTS routing, evaluation).
     """
 
@@ -41,17 +43,24 @@ class Routing:
     balance_loss: Tensor
     z_loss: Tensor
     droppable: bool = True
+    extra_loss: Optional[Tensor] = None
     # assignments per token that the capacity formula budgets for (1 for top-1, 2 for top-2)
     capacity_k: int = 1
 
 
 class Gate(nn.Module):
-    """Base class: `forward(x, token_ids) -> Routing` for x of shape [S, model_dim]."""
+    """Base class: `forward(x, token_ids) -> Routing` for x of shape [S, model_dim].
+
+    token_ids ([S] LongTensor or None) are the ids of the same S non-padding tokens.
+    `dictionary` is the fairseq Dictionary of the stack the layer sits in (or None).
+    A gate with a schedule implements `set_num_updates(num_updates)`: fairseq calls it on every
+    module before each training step and after loading a checkpoint.
+    """
 
     # set by register_gate
     name: str = ""
 
-    def __init__(self, model_dim: int, num_experts: int, args):
+    def __init__(self, model_dim: int, num_experts: int, args, dictionary=None):
         super().__init__()
         self.model_dim = model_dim
         self.num_experts = num_experts
@@ -147,9 +156,9 @@ def register_gate(name: str, options: Optional[type] = None) -> Callable[[Type[G
     return wrapper
 
 
-def build_gate(name: str, model_dim: int, num_experts: int, args) -> Gate:
+def build_gate(name: str, model_dim: int, num_experts: int, args, dictionary=None) -> Gate:
     if name not in GATE_REGISTRY:
         raise ValueError(
             f"--moe-gate {name!r} is not a known gate; choose one of: {', '.join(sorted(GATE_REGISTRY))}"
         )
-    return GATE_REGISTRY[name].cls(model_dim, num_experts, args)
+    return GATE_REGISTRY[name].cls(model_dim, num_experts, args, dictionary=dictionary)

@@ -27,8 +27,8 @@ def gumbel_noise_like(x: Tensor) -> Tensor:
 class RouterGate(Gate):
     """A gate with a learned linear router (fp32 logits, jitter, non-finite guard)."""
 
-    def __init__(self, model_dim, num_experts, args):
-        super().__init__(model_dim, num_experts, args)
+    def __init__(self, model_dim, num_experts, args, dictionary=None):
+        super().__init__(model_dim, num_experts, args, dictionary)
         self.router = LinearRouter(model_dim, num_experts, jitter=getattr(args, "moe_router_jitter", 0.0))
 
 
@@ -65,8 +65,8 @@ SECOND_EXPERT_POLICIES = ("sampling", "all", "random")
 
 @register_gate("top2", options=Top2Options)
 class Top2Gate(RouterGate):
-    def __init__(self, model_dim, num_experts, args):
-        super().__init__(model_dim, num_experts, args)
+    def __init__(self, model_dim, num_experts, args, dictionary=None):
+        super().__init__(model_dim, num_experts, args, dictionary)
         if num_experts < 2:
             raise ValueError("--moe-gate top2 needs --moe-expert-count >= 2")
         self.policy = getattr(args, "moe_second_expert_policy", "sampling")

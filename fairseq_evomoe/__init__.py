@@ -10,6 +10,7 @@ from .checkpoint_compat import allow_fairseq_checkpoints
 allow_fairseq_checkpoints()
 
 from . import moe  # noqa: E402,F401  (gates register themselves)
-from . import criterions, models  # noqa: E402,F401
+from . import evomoe  # noqa: E402,F401  (registers the EvoMoE model options)
+from . import criterions, models, tasks  # noqa: E402,F401
 
 __version__ = "0.1.0"

@@ -113,16 +113,13 @@ def routing_summary(layers: List[MoELayer], per_expert: bool) -> Dict[str, float
                 out[f"moe_load_{m.layer_name}_e{e}"] = v
     for k, v in stats.items():
         out[k] = torch.stack([torch.as_tensor(x, dtype=torch.float) for x in v]).mean().item()
-    for k, v in layers[0].gate.state_for_logging().items():
+    gate_state = layers[0].gate.state_for_logging()
+    for k, v in gate_state.items():
         out[f"moe_{k}"] = float(v)
-    out["moe_phase"] = float(phase_code(layers[0]))
+    # 0 = expert-diversify (dense base expert), then the gate's own phase (DTS: 1 soft, 2 hard), else 1
+    out["moe_phase"] = float(gate_state.get("phase", 1)) if layers[0].is_sparse else 0.0
     out["moe_count"] = 1
     return out
-
-
-def phase_code(layer: MoELayer) -> int:
-    """0 = expert-diversify (dense base expert), 1 = sparse routing."""
-    return 1 if layer.is_sparse else 0
 
 
 def reduce_moe_metrics(logging_outputs) -> None:

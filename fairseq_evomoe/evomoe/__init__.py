@@ -1,0 +1,1 @@
+from . import options  # noqa: F401  (registers the EvoMoE model options)

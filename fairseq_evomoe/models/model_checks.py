@@ -1,11 +1,20 @@
 """Checks that need both the model options and the task, run before a model is built."""
 
+from ..evomoe.options import validate_spawn_options
+from ..evomoe.schedule import resolve_updates
+
 
 def check_model_against_task(args, task) -> None:
-    diversify = getattr(args, "evomoe_diversify_updates", 0) or 0
+    validate_spawn_options(args)
+    diversify = resolve_updates(args.evomoe_diversify_updates, getattr(args, "max_update", 0) or 0, "--evomoe-diversify-updates")
     if diversify > 0 and not getattr(task, "drives_evomoe_phases", False):
         raise ValueError(
-            f"--evomoe-diversify-updates {diversify} needs a phase-switching task that spawns the experts "
+            f"--evomoe-diversify-updates {args.evomoe_diversify_updates} needs a phase-switching task that spawns the experts "
             "(--task evomoe_translation, evomoe_language_modeling or evomoe_masked_lm); "
             "with another task set --evomoe-diversify-updates 0"
+        )
+    max_update = getattr(args, "max_update", 0) or 0
+    if diversify > 0 and max_update and diversify >= max_update:
+        raise ValueError(
+            f"--evomoe-diversify-updates ({diversify}) must be below --max-update ({max_update}): the experts would never be spawned"
         )

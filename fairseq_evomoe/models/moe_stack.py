@@ -29,6 +29,9 @@ from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
+from ..evomoe.controller import DiversifyPlan
+from ..evomoe.diversify import SpawnSettings
+from ..evomoe.schedule import resolve_updates
 from ..moe.experts import ExpertFFNs
 from ..moe.gates.base import build_gate
 from ..moe.layer import MoELayer
@@ -53,16 +56,20 @@ def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, dictionary) -> MoEL
         activation_dropout,
     )
     gate = build_gate(cfg.moe_gate, model_dim, cfg.moe_expert_count, cfg, dictionary=dictionary)
-    return MoELayer(
+    diversify_updates = resolve_updates(cfg.evomoe_diversify_updates, getattr(cfg, "max_update", 0) or 0, "--evomoe-diversify-updates")
+    moe = MoELayer(
         gate,
         experts,
         capacity_factor=cfg.moe_capacity_factor,
         eval_capacity_factor=cfg.moe_eval_capacity_factor,
         drop_policy=cfg.moe_drop_policy,
-        diversify=getattr(cfg, "evomoe_diversify_updates", 0) > 0,
+        diversify=diversify_updates > 0,
         padding_idx=dictionary.pad(),
         parallel=parallel,
     )
+    if diversify_updates > 0:
+        moe.evomoe = DiversifyPlan(diversify_updates, SpawnSettings.from_args(cfg))
+    return moe
 
 
 class MoEFFNMixin:

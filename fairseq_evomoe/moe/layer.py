@@ -43,6 +43,7 @@ class MoELayer(nn.Module):
         self.parallel = parallel if parallel is not None else ExpertParallel.single_process(self.num_experts)
         # False while the expert-diversify phase runs the base expert as a dense FFN
         self.register_buffer("spawned", torch.tensor(not diversify))
+        self.evomoe = None  # the layer's expert-diversify plan (evomoe.controller.DiversifyPlan), if any
         self.layer_name = ""  # set by the model, used in logs
         self.metadata: Dict[str, Tensor] = {}
         # token ids [batch, time] of the current forward, set by the encoder/decoder (RoutingContext)

@@ -1,4 +1,5 @@
 """Routing gates; importing this package registers every gate for `--moe-gate`."""
 
 from . import top_k  # noqa: F401
+from . import dts  # noqa: F401,E402
 from .base import GATE_REGISTRY, Gate, Routing, build_gate, register_gate  # noqa: F401

@@ -1,0 +1,74 @@
+"""The phase controller the evomoe_* tasks share: update counter -> spawn, tau, phase -> model.
+
+It holds no schedule of its own: each MoE layer carries its diversify plan (set at model build)
+and the DTS gate derives tau and the soft/hard phase from `set_num_updates`. The controller
+spawns the experts at T_div (once: the layer's `spawned` buffer is in every checkpoint), fixes the
+optimizer state of the spawned weights, pushes the update counter into the model before train and
+valid steps, and logs a line at each phase change.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional
+
+from ..moe.layer import MoELayer
+from .diversify import SpawnSettings, spawn_experts, spawn_optimizer_state
+from .schedule import Phase
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DiversifyPlan:
+    """What a layer needs to know about its expert-diversify phase."""
+
+    updates: int  # T_div: spawn before the training step of this update
+    spawn: SpawnSettings
+
+
+def layer_phase(layer: MoELayer) -> Phase:
+    if not layer.is_sparse:
+        return Phase.DIVERSIFY
+    return Phase(layer.gate.state_for_logging().get("phase", Phase.SOFT))
+
+
+class PhaseController:
+    def __init__(self):
+        self.last_phase: Optional[Phase] = None
+        self.num_updates: Optional[int] = None
+
+    @staticmethod
+    def moe_layers(model) -> List[MoELayer]:
+        return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+    def before_train_step(self, model, optimizer, update_num: int) -> None:
+        layers = self.moe_layers(model)
+        due = [m for m in layers if not m.is_sparse and m.evomoe is not None and update_num >= m.evomoe.updates]
+        for m in due:
+            spawn_experts(m, m.evomoe.spawn)
+            if not spawn_optimizer_state(m, optimizer):
+                logger.warning("EvoMoE: the optimizer keeps flat parameter copies; spawned experts keep its state as is")
+        if due:
+            s = due[0].evomoe.spawn
+            logger.info(
+                f"EvoMoE: spawned {due[0].num_experts} experts in each of {len(due)} MoE layers at update {update_num} "
+                f"(mode {s.mode}, mask ratio {s.mask_ratio}); gates re-initialised"
+            )
+        self.push(model, update_num)
+
+    def before_valid_step(self, model) -> None:
+        if self.num_updates is not None:
+            self.push(model, self.num_updates)
+
+    def push(self, model, num_updates: int) -> None:
+        self.num_updates = num_updates
+        model.set_num_updates(num_updates)
+        layers = self.moe_layers(model)
+        if not layers:
+            return
+        phase = layer_phase(layers[0])
+        if phase != self.last_phase:
+            state = layers[0].gate.state_for_logging()
+            tau = f", tau {state['temperature']:.3f}" if "temperature" in state and phase == Phase.SOFT else ""
+            logger.info(f"EvoMoE phase at update {num_updates}: {phase.name.lower()}{tau}")
+            self.last_phase = phase

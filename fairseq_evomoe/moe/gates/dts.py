@@ -1,0 +1,120 @@
+"""The Dense-To-Sparse gate (DTS) of EvoMoE (Nie et al., arXiv:2112.14397).
+
+Per token x, logits l = W_g x (fp32), p = softmax(l), g ~ Gumbel(0, 1) per token and expert.
+
+soft phase (training, num_updates < H):
+    y = softmax((l + g) / tau)
+    the token goes to every expert e with y_e > threshold (optionally only the `dts_max_experts`
+    largest; the largest always passes), weight p_e (default) or y_e (`--dts-combine-weights gumbel`),
+    optionally renormalised over the selected experts. Nothing is dropped: capacity is unlimited.
+    High tau -> y near uniform -> all E experts; as tau falls y sharpens and fewer pass.
+hard phase (training, num_updates >= H):
+    top-1 by the Gumbel-max sample argmax(l + g), weight p of that expert; capacity as configured.
+evaluation / generation:
+    top-1 = argmax(l), weight p, no noise, nothing dropped.
+balance loss:
+    E * sum_e me_e * ce_e; me_e = mean over tokens of the combine weight of e (0 where unselected),
+    ce_e = fraction of tokens that selected e (a token may select several). Padding never reaches a gate.
+
+tau and the phase come from `EvoMoESchedule` (evomoe/schedule.py), a pure function of the update
+counter that fairseq pushes into every module through `set_num_updates`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.dataclass import FairseqDataclass
+from torch import Tensor
+
+from ...evomoe.schedule import EvoMoESchedule, Phase
+from .base import Routing, register_gate, router_z_loss
+from .top_k import RouterGate, gumbel_noise_like
+
+COMBINE_WEIGHTS = ("softmax", "gumbel")
+
+
+@dataclass
+class DTSOptions(FairseqDataclass):
+    dts_threshold: float = field(
+        default=1e-3, metadata={"help": "dts gate: a token goes to every expert whose Gumbel-softmax weight exceeds this (default 1e-3)"}
+    )
+    dts_combine_weights: str = field(
+        default="softmax", metadata={"help": "dts gate: combine weights of selected experts: softmax (of the logits) or gumbel (the Gumbel-softmax weights)"}
+    )
+    dts_renormalize: bool = field(default=False, metadata={"help": "dts gate: renormalise combine weights over the selected experts"})
+    dts_max_experts: int = field(default=0, metadata={"help": "dts gate: at most this many experts per token in the soft phase; 0 = no cap"})
+    dts_tau_max: float = field(default=2.0, metadata={"help": "dts gate: temperature at the start of the gate-sparsify phase (default 2.0)"})
+    dts_tau_min: float = field(default=0.5, metadata={"help": "dts gate: final temperature (default 0.5)"})
+    dts_tau_schedule: str = field(default="linear", metadata={"help": "dts gate: temperature decay: linear, exponential or cosine"})
+    dts_anneal_updates: float = field(
+        default=5000, metadata={"help": "dts gate: updates D over which tau goes from max to min, counted from the expert spawn (a fraction < 1 means of --max-update)"}
+    )
+    dts_hard_update: Optional[float] = field(
+        default=None, metadata={"help": "dts gate: update H from which routing is top-1 (a fraction < 1 means of --max-update); default: when annealing ends"}
+    )
+    dts_allow_hard_start: bool = field(default=False, metadata={"help": "dts gate: allow a --dts-hard-update at or before the spawn (top-1 from the start)"})
+
+
+@register_gate("dts", options=DTSOptions)
+class DenseToSparseGate(RouterGate):
+    def __init__(self, model_dim, num_experts, args, dictionary=None):
+        super().__init__(model_dim, num_experts, args, dictionary)
+        self.threshold = args.dts_threshold
+        self.combine = args.dts_combine_weights
+        self.renormalize = args.dts_renormalize
+        self.max_experts = args.dts_max_experts
+        if self.combine not in COMBINE_WEIGHTS:
+            raise ValueError(f"--dts-combine-weights {self.combine!r} is not valid; choose one of: {', '.join(COMBINE_WEIGHTS)}")
+        if not 0 <= self.threshold < 1:
+            raise ValueError(f"--dts-threshold must be in [0, 1), got {self.threshold}")
+        if self.max_experts < 0:
+            raise ValueError(f"--dts-max-experts must be >= 0 (0 = no cap), got {self.max_experts}")
+        self.schedule = EvoMoESchedule.from_args(args)
+        self.set_num_updates(0)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        self.num_updates = num_updates
+        self.tau = self.schedule.tau(num_updates)
+        self.phase = self.schedule.phase(num_updates)
+
+    def state_for_logging(self):
+        return {"temperature": self.tau, "phase": int(self.phase)}
+
+    def forward(self, x: Tensor, token_ids=None) -> Routing:
+        logits = self.router(x)
+        probs = logits.softmax(dim=-1)
+        if not self.training:
+            weight, expert = probs.max(dim=-1)
+            return self._routing(x, expert, weight, probs, logits, droppable=False)
+        gumbel = gumbel_noise_like(logits)
+        if self.phase == Phase.HARD:
+            expert = (logits.detach() + gumbel).argmax(dim=-1)
+            weight = probs.gather(1, expert[:, None]).squeeze(1)
+            return self._routing(x, expert, weight, probs, logits, droppable=True)
+
+        y = ((logits + gumbel) / self.tau).softmax(dim=-1)
+        selected = y.detach() > self.threshold
+        selected.scatter_(1, y.detach().argmax(dim=-1, keepdim=True), True)  # at least one expert
+        if self.max_experts and self.max_experts < self.num_experts:
+            top = y.detach().topk(self.max_experts, dim=-1).indices
+            selected &= torch.zeros_like(selected).scatter_(1, top, True)
+        combine = (probs if self.combine == "softmax" else y) * selected
+        if self.renormalize:
+            combine = combine / combine.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(combine.dtype).eps)
+        token, expert = selected.nonzero(as_tuple=True)
+        weight = combine[token, expert]
+        balance = self.balance_loss(combine, selected)
+        return Routing(token, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits), droppable=False)
+
+    def _routing(self, x, expert, weight, probs, logits, droppable) -> Routing:
+        tokens = torch.arange(x.shape[0], device=x.device)
+        selected = torch.nn.functional.one_hot(expert, self.num_experts).bool()
+        balance = self.balance_loss(probs * selected, selected)
+        return Routing(tokens, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits), droppable=droppable)
+
+    def balance_loss(self, combine: Tensor, selected: Tensor) -> Tensor:
+        """E * sum_e (mean combine weight of e) * (fraction of tokens selecting e)."""
+        if combine.shape[0] == 0:
+            return combine.new_zeros(())
+        return self.num_experts * torch.sum(combine.mean(dim=0) * selected.float().mean(dim=0))

@@ -1,0 +1,143 @@
+"""Expert-diversify: the dense base expert, spawning modes, the fresh gate, optimizer state, spawn once."""
+
+from argparse import Namespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fairseq_evomoe.evomoe.controller import DiversifyPlan, PhaseController
+from fairseq_evomoe.evomoe.diversify import SpawnSettings, spawn_experts, spawn_optimizer_state
+
+from moe_helpers import make_layer
+
+E, M, FF = 4, 16, 32
+
+
+def diversify_layer(gate="dts", seed=0):
+    layer = make_layer(gate, num_experts=E, dim=M, ffn=FF, capacity_factor=1.0, seed=seed)
+    layer.spawned.fill_(False)
+    layer.layer_name = "dec1"
+    return layer
+
+
+def base_ffn(layer, x):
+    ex = layer.experts
+    return F.linear(F.relu(F.linear(x, ex.fc1_weight[0], ex.fc1_bias[0])), ex.fc2_weight[0], ex.fc2_bias[0])
+
+
+def test_before_the_spawn_the_layer_is_the_dense_base_ffn():
+    layer = diversify_layer()
+    layer.train()
+    x = torch.randn(5, 3, M)
+    out = layer(x)
+    torch.testing.assert_close(out, base_ffn(layer, x))
+    assert layer.metadata["experts_per_token"].item() == 1.0
+    assert layer.metadata["balance_loss"].item() == 0.0
+    out.sum().backward()
+    assert layer.gate.router.wg.weight.grad is not None
+    assert torch.all(layer.gate.router.wg.weight.grad == 0), "the gate must get no signal before the spawn"
+    assert torch.all(layer.experts.fc1_weight.grad[1:] == 0)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_mask_spawn_masks_the_requested_fraction(ratio):
+    layer = diversify_layer()
+    base = layer.experts.fc1_weight[0].clone()
+    spawn_experts(layer, SpawnSettings("mask", ratio, rescale=False, seed=3))
+    w = layer.experts.fc1_weight
+    for e in range(E):
+        kept = w[e] != 0
+        assert torch.equal(w[e][kept], base[kept]), "kept weights are the base expert's"
+    masked = (w == 0).float().mean().item()
+    sigma = (ratio * (1 - ratio) / w.numel()) ** 0.5
+    assert masked == pytest.approx(ratio, abs=4 * sigma)
+    assert not torch.equal(w[0], w[1]), "experts must differ"
+    assert layer.is_sparse
+
+
+def test_mask_spawn_rescale():
+    layer = diversify_layer()
+    base = layer.experts.fc2_weight[0].clone()
+    spawn_experts(layer, SpawnSettings("mask", 0.5, rescale=True, seed=3))
+    w = layer.experts.fc2_weight[2]
+    kept = w != 0
+    torch.testing.assert_close(w[kept], base[kept] * 2)
+
+
+def test_reinit_copy_and_noise_spawns():
+    layer = diversify_layer()
+    base = layer.experts.fc1_weight[0].clone()
+    spawn_experts(layer, SpawnSettings("reinit", 0.5, seed=1))
+    w = layer.experts.fc1_weight
+    same = w[1] == base
+    assert 0.4 < same.float().mean().item() < 0.6
+    assert (w[1][~same].abs() <= 1 / M**0.5 + 1e-6).all(), "re-initialised weights follow nn.Linear's init"
+
+    layer = diversify_layer()
+    base = layer.experts.fc1_weight[0].clone()
+    spawn_experts(layer, SpawnSettings("copy", seed=1))
+    assert all(torch.equal(layer.experts.fc1_weight[e], base) for e in range(E))
+
+    layer = diversify_layer()
+    base = layer.experts.fc1_weight[0].clone()
+    spawn_experts(layer, SpawnSettings("noise", noise_scale=0.1, seed=1))
+    diff = layer.experts.fc1_weight[3] - base
+    assert diff.abs().max() > 0
+    assert diff.std().item() == pytest.approx(0.1 * base.std().item(), rel=0.2)
+
+
+def test_spawn_is_seeded_and_refreshes_the_gate():
+    a, b = diversify_layer(seed=0), diversify_layer(seed=0)
+    gate_before = a.gate.router.wg.weight.clone()
+    spawn_experts(a, SpawnSettings("mask", 0.5, seed=7))
+    spawn_experts(b, SpawnSettings("mask", 0.5, seed=7))
+    assert torch.equal(a.experts.fc1_weight, b.experts.fc1_weight)
+    assert torch.equal(a.gate.router.wg.weight, b.gate.router.wg.weight)
+    assert not torch.equal(a.gate.router.wg.weight, gate_before), "the gate is freshly initialised"
+    c = diversify_layer(seed=0)
+    spawn_experts(c, SpawnSettings("mask", 0.5, seed=8))
+    assert not torch.equal(a.experts.fc1_weight, c.experts.fc1_weight)
+
+
+def test_spawned_experts_inherit_the_base_optimizer_moments_and_the_gate_starts_fresh():
+    layer = diversify_layer()
+    layer.train()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(torch.randn(8, M)).pow(2).sum().backward()
+        opt.step()
+    spawn_experts(layer, SpawnSettings("mask", 0.5, seed=1))
+    wrapper = Namespace(optimizer=opt)  # the shape of fairseq's optimizer wrappers
+    assert spawn_optimizer_state(layer, wrapper)
+    state = opt.state[layer.experts.fc1_weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key][0].abs().sum() > 0
+        for e in range(1, E):
+            assert torch.equal(state[key][e], state[key][0])
+    assert layer.gate.router.wg.weight not in opt.state
+    # training goes on and updates every expert
+    before = layer.experts.fc1_weight.detach().clone()
+    opt.zero_grad()
+    layer(torch.randn(64, M)).pow(2).sum().backward()
+    opt.step()
+    changed = (layer.experts.fc1_weight.detach() != before).flatten(1).any(1)
+    assert changed.all()
+
+
+def test_controller_spawns_exactly_once():
+    layer = diversify_layer()
+    layer.evomoe = DiversifyPlan(updates=5, spawn=SpawnSettings("mask", 0.5, seed=1))
+    model = torch.nn.Sequential(layer)
+    model.set_num_updates = lambda n: None
+    ctl = PhaseController()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    ctl.before_train_step(model, Namespace(optimizer=opt), 4)
+    assert not layer.is_sparse
+    ctl.before_train_step(model, Namespace(optimizer=opt), 5)
+    assert layer.is_sparse
+    after = layer.experts.fc1_weight.clone()
+    ctl.before_train_step(model, Namespace(optimizer=opt), 6)  # e.g. after a resume past the spawn
+    assert torch.equal(layer.experts.fc1_weight, after)
+    assert "spawned" in dict(layer.named_buffers()), "the spawn is recorded in checkpoints"

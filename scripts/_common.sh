@@ -1,0 +1,42 @@
+# Shared helpers for the data and evaluation scripts (sourced, not run).
+# shellcheck shell=bash
+
+SCRIPTS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_DIR="$(cd "$SCRIPTS_DIR/.." && pwd)"
+USER_DIR="$REPO_DIR/fairseq_evomoe"
+PY="${PYTHON:-python3}"
+
+die() { echo "error: $*" >&2; exit 2; }
+step() { echo "==> [$(date +%H:%M:%S)] $*" >&2; }
+
+# need_value OPTION VALUE: fail clearly when an option was given without a value
+need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "option $1 needs a value (see --help)"; }
+
+need_int() { [[ "$2" =~ ^[0-9]+$ ]] || die "option $1 must be a non-negative integer, got '$2'"; }
+
+# default_data_dir: $EVOMOE_DATA, else ../shared/data next to the repository, else empty
+default_data_dir() {
+  if [[ -n "${EVOMOE_DATA:-}" ]]; then echo "$EVOMOE_DATA"
+  elif [[ -d "$REPO_DIR/../shared/data" ]]; then (cd "$REPO_DIR/../shared/data" && pwd)
+  else echo ""; fi
+}
+
+# fetch URL DEST: download with a progress bar (curl or wget); fails with the URL in the message
+fetch() {
+  local url="$1" dest="$2"
+  if [[ -s "$dest" ]]; then step "already downloaded: $dest"; return 0; fi
+  step "downloading $url"
+  if command -v curl >/dev/null; then
+    curl -fL --retry 3 --progress-bar -o "$dest.part" "$url" || die "download failed: $url (no internet? use the local mode instead)"
+  elif command -v wget >/dev/null; then
+    wget -q --show-progress -O "$dest.part" "$url" || die "download failed: $url (no internet? use the local mode instead)"
+  else
+    die "neither curl nor wget is installed; cannot download $url"
+  fi
+  mv "$dest.part" "$dest"
+}
+
+fairseq_tool() {  # the console script next to this Python when there is one
+  local d; d="$(dirname "$(command -v "$PY")")"
+  if [[ -x "$d/$1" ]]; then echo "$d/$1"; else echo "$1"; fi
+}

@@ -2,4 +2,8 @@
 
 from . import top_k  # noqa: F401
 from . import dts  # noqa: F401,E402
+from . import balanced  # noqa: F401,E402
+from . import hashing  # noqa: F401,E402
+from . import stable  # noqa: F401,E402
+from . import dense  # noqa: F401,E402
 from .base import GATE_REGISTRY, Gate, Routing, build_gate, register_gate  # noqa: F401

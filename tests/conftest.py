@@ -75,3 +75,24 @@ def lm_data(tmp_path_factory) -> Path:
         "--testpref", raw / "test.txt", "--destdir", out, "--workers", "1", "--thresholdsrc", "2",
     )
     return out
+
+
+def json_logs(proc: subprocess.CompletedProcess, tag: str = "train_inner"):
+    """The metric dicts fairseq printed with `--log-format json` for one log tag
+    (`train_inner`, `train`, `valid`), values as floats where they parse."""
+    import json
+
+    rows = []
+    for line in (proc.stdout + "\n" + proc.stderr).splitlines():
+        if f"| {tag} |" not in line or "{" not in line:
+            continue
+        row = json.loads(line[line.index("{"):])
+        rows.append({k: _num(v) for k, v in row.items()})
+    return rows
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v

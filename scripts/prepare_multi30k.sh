@@ -81,7 +81,9 @@ step "4/4 fairseq-preprocess -> $OUT/bin"
 rm -rf "$OUT/bin"
 "$(fairseq_tool fairseq-preprocess)" --source-lang "$SRC" --target-lang "$TGT" \
   --trainpref "$OUT/spm/train" --validpref "$OUT/spm/valid" --testpref "$OUT/spm/test" \
-  --destdir "$OUT/bin" --joined-dictionary --workers "$WORKERS" 2>&1 | grep -E "^\S+ \S+ \| INFO \| fairseq_cli.preprocess \| \[" >&2 || true
+  --destdir "$OUT/bin" --joined-dictionary --workers "$WORKERS" >"$OUT/preprocess.log" 2>&1 \
+  || { tail -20 "$OUT/preprocess.log" >&2; die "fairseq-preprocess failed (log: $OUT/preprocess.log)"; }
+grep -E "\] (Dictionary|.*sents)" "$OUT/preprocess.log" | sed 's/.*preprocess[^[]*/  /' >&2 || true
 [[ -f "$OUT/bin/train.$SRC-$TGT.$SRC.bin" ]] || die "fairseq-preprocess did not write $OUT/bin"
 
 echo "Multi30k $SRC->$TGT ready:"

@@ -70,7 +70,7 @@ rm -rf "$OUT/bin"
 "$(fairseq_tool fairseq-preprocess)" --only-source --trainpref "$OUT/tok/train.txt" --validpref "$OUT/tok/valid.txt" \
   --testpref "$OUT/tok/test.txt" --destdir "$OUT/bin" --workers "$WORKERS" --thresholdsrc "$THRESH" >"$OUT/preprocess.log" 2>&1 \
   || { tail -20 "$OUT/preprocess.log" >&2; die "fairseq-preprocess failed (log: $OUT/preprocess.log)"; }
-grep -E "\[None\] (Dictionary|.*tokens)" "$OUT/preprocess.log" | sed 's/.*| \[/  [/' >&2 || true
+grep -E "\] (Dictionary|.*sents)" "$OUT/preprocess.log" | sed 's/.*preprocess[^[]*/  /' >&2 || true
 [[ -f "$OUT/bin/train.bin" ]] || die "fairseq-preprocess did not write $OUT/bin/train.bin"
 
 echo "WikiText-2 ready:"

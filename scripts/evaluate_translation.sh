@@ -22,6 +22,7 @@ Options:
   --post-process P    subword scheme to undo: sentencepiece (default), subword_nmt, none
   --beam N            beam size (default 5)
   --lenpen X          length penalty (default 1.0)
+  --max-len-a A --max-len-b B   hypotheses at most A * source length + B tokens (fairseq's defaults 0, 200)
   --batch-size N      sentences per batch (default 64)
   --out-dir DIR       where hypotheses and the score go (default: next to the checkpoint)
   --task NAME         fairseq task (default: the checkpoint's own, e.g. evomoe_translation for EvoMoE)
@@ -33,7 +34,7 @@ OUT/bleu.<subset>.json (sacrebleu's JSON, "score" = BLEU), and prints the BLEU l
 USAGE
 }
 
-DATA=""; CKPT=""; SUBSET=test; REF=""; SRC=""; TGT=""; POST=sentencepiece; BEAM=5; LENPEN=1.0; BSZ=64; OUT=""; CPU=""; TASK=""
+DATA=""; CKPT=""; SUBSET=test; REF=""; SRC=""; TGT=""; POST=sentencepiece; BEAM=5; LENPEN=1.0; MAXA=0; MAXB=200; BSZ=64; OUT=""; CPU=""; TASK=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
@@ -46,6 +47,8 @@ while [[ $# -gt 0 ]]; do
     --post-process) need_value "$@"; POST="$2"; shift 2 ;;
     --beam) need_value "$@"; need_int "$1" "$2"; BEAM="$2"; shift 2 ;;
     --lenpen) need_value "$@"; LENPEN="$2"; shift 2 ;;
+    --max-len-a) need_value "$@"; MAXA="$2"; shift 2 ;;
+    --max-len-b) need_value "$@"; need_int "$1" "$2"; MAXB="$2"; shift 2 ;;
     --batch-size) need_value "$@"; need_int "$1" "$2"; BSZ="$2"; shift 2 ;;
     --out-dir) need_value "$@"; OUT="$2"; shift 2 ;;
     --task) need_value "$@"; TASK="$2"; shift 2 ;;
@@ -74,7 +77,7 @@ fi
 POSTARG=(); [[ "$POST" != none ]] && POSTARG=(--post-process "$POST")
 step "fairseq-generate $SUBSET ($SRC->$TGT, beam $BEAM) with $CKPT"
 "$(fairseq_tool fairseq-generate)" "$DATA" --user-dir "$USER_DIR" --task "$TASK" --path "$CKPT" --gen-subset "$SUBSET" \
-  --source-lang "$SRC" --target-lang "$TGT" --beam "$BEAM" --lenpen "$LENPEN" --batch-size "$BSZ" \
+  --source-lang "$SRC" --target-lang "$TGT" --beam "$BEAM" --lenpen "$LENPEN" --max-len-a "$MAXA" --max-len-b "$MAXB" --batch-size "$BSZ" \
   "${POSTARG[@]}" --results-path "$OUT" $CPU --log-format tqdm >/dev/null \
   || { tail -5 "$OUT/generate-$SUBSET.txt" >&2 || true; die "fairseq-generate failed (log: $OUT/generate-$SUBSET.txt)"; }
 GEN="$OUT/generate-$SUBSET.txt"

@@ -1,0 +1,1 @@
+"""Launch helpers for multi-process training (see docs/distributed.md)."""

@@ -49,12 +49,13 @@ def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, dictionary) -> MoEL
     activation_dropout = getattr(cfg, "activation_dropout", 0.0) or getattr(cfg, "relu_dropout", 0.0) or 0.0
     parallel = ExpertParallel.from_environment(cfg.moe_expert_count)
     experts = ExpertFFNs(
-        parallel.num_local_experts,
+        cfg.moe_expert_count,  # built whole (same init as one process), then sliced to the local experts
         model_dim,
         ffn_dim,
         utils.get_activation_fn(cfg.activation_fn),
         activation_dropout,
     )
+    experts = parallel.localize(experts)
     gate = build_gate(cfg.moe_gate, model_dim, cfg.moe_expert_count, cfg, dictionary=dictionary)
     diversify_updates = resolve_updates(cfg.evomoe_diversify_updates, getattr(cfg, "max_update", 0) or 0, "--evomoe-diversify-updates")
     moe = MoELayer(

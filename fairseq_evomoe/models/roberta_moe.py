@@ -10,6 +10,7 @@ from fairseq.models.roberta.model import (
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
 
 from ..moe import options as moe_options
+from ..moe.expert_checkpoint import ExpertParallelModelMixin
 from .model_checks import check_model_against_task
 from .moe_stack import MoETransformerEncoder
 
@@ -19,12 +20,12 @@ class RobertaMoEEncoder(RobertaEncoder):
         encoder = MoETransformerEncoder(args, dictionary, embed_tokens)
         encoder.apply(init_bert_params)
         for moe in encoder.moe_layers:  # BERT init for the experts too (they are not nn.Linear)
-            moe.experts.reset_parameters(std=0.02)
+            moe.parallel.reset_experts(moe.experts, std=0.02)  # the local slice of a full-E draw
         return encoder
 
 
 @register_model("roberta_moe")
-class RobertaMoEModel(RobertaModel):
+class RobertaMoEModel(ExpertParallelModelMixin, RobertaModel):
     @staticmethod
     def add_args(parser):
         RobertaModel.add_args(parser)

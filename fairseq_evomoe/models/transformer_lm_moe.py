@@ -5,12 +5,13 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig, base_lm_architecture
 
 from ..moe import options as moe_options
+from ..moe.expert_checkpoint import ExpertParallelModelMixin
 from .model_checks import check_model_against_task
 from .moe_stack import MoETransformerDecoder
 
 
 @register_model("transformer_lm_moe")
-class TransformerLanguageModelMoE(TransformerLanguageModel):
+class TransformerLanguageModelMoE(ExpertParallelModelMixin, TransformerLanguageModel):
     @classmethod
     def add_args(cls, parser):
         gen_parser_from_dataclass(parser, TransformerLanguageModelConfig(), delete_default=True)

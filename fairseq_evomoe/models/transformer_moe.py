@@ -9,12 +9,13 @@ from fairseq.models.transformer.transformer_legacy import (
 )
 
 from ..moe import options as moe_options
+from ..moe.expert_checkpoint import ExpertParallelModelMixin
 from .moe_stack import MoETransformerDecoder, MoETransformerEncoder
 from .model_checks import check_model_against_task
 
 
 @register_model("transformer_moe")
-class TransformerMoEModel(TransformerModel):
+class TransformerMoEModel(ExpertParallelModelMixin, TransformerModel):
     """Encoder-decoder transformer whose every `--moe-freq`-th FFN is a mixture of experts."""
 
     @classmethod

@@ -95,7 +95,8 @@ def test_checkpoints_load_under_weights_only(mt_data, tmp_path):
         (["--moe-expert-count", "0"], "--moe-expert-count must be >= 1"),
         (["--moe-capacity-factor", "-1"], "--moe-capacity-factor must be >= 0"),
         (["--moe-freq", "3"], "--moe-freq 3 is larger than the 2 layers of the encoder"),
-        (["--evomoe-diversify-updates", "5"], "needs a phase-switching task"),
+        (["--evomoe-diversify-updates", "10"], "--evomoe-diversify-updates (10) must be below --max-update (10)"),
+        (["--moe-drop-policy", "random"], "--moe-drop-policy 'random' is not valid; choose one of: score, position"),
     ],
 )
 def test_bad_options_fail_before_training(mt_data, tmp_path, extra, message):

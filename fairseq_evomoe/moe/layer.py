@@ -53,6 +53,16 @@ class MoELayer(nn.Module):
     def is_sparse(self) -> bool:
         return bool(self.spawned)
 
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq calls this on every module before each training step and on checkpoint load.
+
+        The evomoe_* tasks spawn the experts first (and fix the optimizer state); this is the
+        fallback that keeps the spawn on schedule under any other task."""
+        if self.evomoe is not None and not self.is_sparse and num_updates >= self.evomoe.updates:
+            from ..evomoe.diversify import spawn_experts  # evomoe builds on this module
+
+            spawn_experts(self, self.evomoe.spawn)
+
     def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> Tensor:
         """x: [T, B, M] (fairseq's layout) or [S, M]; token_ids: [B, T] / [S] or None."""
         if token_ids is None:
@@ -111,7 +121,8 @@ class MoELayer(nn.Module):
         plan = plan_dispatch(routing, self.num_experts, self.capacity(x.shape[0], routing.capacity_k), self.drop_policy)
         assign = plan.order
         tokens = routing.token_idx[assign]
-        expert_in = x[tokens]
+        # index_select, not x[tokens]: its backward accumulates repeated tokens deterministically on CPU
+        expert_in = x.index_select(0, tokens)
         expert_out = self.parallel.run_experts(self.experts, expert_in, plan.counts)
         weight = routing.weight[assign].to(expert_out.dtype)
         out = x.new_zeros(x.shape).index_add(0, tokens, expert_out * weight.unsqueeze(1))

@@ -84,7 +84,8 @@ def json_logs(proc: subprocess.CompletedProcess, tag: str = "train_inner"):
 
     rows = []
     for line in (proc.stdout + "\n" + proc.stderr).splitlines():
-        if f"| {tag} |" not in line or "{" not in line:
+        # fairseq-train prints "| train_inner | {...}"; the torchrun entry point "INFO:train_inner:{...}"
+        if (f"| {tag} |" not in line and f":{tag}:" not in line) or "{" not in line:
             continue
         row = json.loads(line[line.index("{"):])
         rows.append({k: _num(v) for k, v in row.items()})

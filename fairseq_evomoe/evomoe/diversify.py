@@ -64,10 +64,11 @@ def spawn_weight(base: torch.Tensor, settings: SpawnSettings, gen: torch.Generat
 
 @torch.no_grad()
 def spawn_experts(layer: MoELayer, settings: SpawnSettings) -> None:
-    """Turn the layer's base expert (local expert 0) into all its experts, and refresh the gate."""
+    """Turn the layer's base expert (local slot 0; every worker holds a copy) into its experts,
+    and refresh the gate (same seed on every worker)."""
     experts = layer.experts
     base = {name: getattr(experts, name)[0].clone() for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")}
-    first_global = layer.parallel.rank * experts.num_experts if layer.parallel.world_size <= layer.num_experts else 0
+    first_global = layer.parallel.first_local_expert  # seeds follow global expert ids, whatever the placement
     for e in range(experts.num_experts):
         gen = expert_generator(settings.seed, layer.layer_name, first_global + e)
         experts.fc1_weight[e].copy_(spawn_weight(base["fc1_weight"], settings, gen))

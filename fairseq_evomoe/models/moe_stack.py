@@ -70,6 +70,7 @@ def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, dictionary) -> MoEL
     )
     if diversify_updates > 0:
         moe.evomoe = DiversifyPlan(diversify_updates, SpawnSettings.from_args(cfg))
+        parallel.share_base_expert(experts)  # before the spawn every slot holds the base expert
     return moe
 
 

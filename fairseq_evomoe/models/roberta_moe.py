@@ -21,6 +21,8 @@ class RobertaMoEEncoder(RobertaEncoder):
         encoder.apply(init_bert_params)
         for moe in encoder.moe_layers:  # BERT init for the experts too (they are not nn.Linear)
             moe.parallel.reset_experts(moe.experts, std=0.02)  # the local slice of a full-E draw
+            if moe.evomoe is not None:
+                moe.parallel.share_base_expert(moe.experts)
         return encoder
 
 

@@ -94,7 +94,7 @@ class MoELayer(nn.Module):
 
     def dense_forward(self, x: Tensor) -> Tensor:
         """Expert-diversify phase: the base expert (expert 0) as a plain FFN; no gate, no loss."""
-        y = self.experts.forward_one(x, 0)
+        y = self.parallel.run_base_expert(self.experts, x)
         # the gate gets an exact zero gradient (keeps data-parallel reducers consistent)
         zero = sum((p.sum() for p in self.gate.parameters()), x.new_zeros((), dtype=torch.float)) * 0.0
         n = x.shape[0]

@@ -220,6 +220,28 @@ class ExpertParallel:
         ]
         return torch.cat(outs, dim=0)
 
+    # -- expert-diversify: one base expert, held by every worker ------------------------------
+
+    def share_base_expert(self, experts) -> None:
+        """Make every local expert slot a copy of global expert 0, the base expert (in expert
+        parallelism rank 0 holds it in its slot 0 and broadcasts it)."""
+        with torch.no_grad():
+            for n in EXPERT_PARAM_NAMES:
+                p = getattr(experts, n)
+                base = p[0].clone()
+                if self.is_distributed:
+                    dist.broadcast(base, src=0)
+                p.copy_(base.unsqueeze(0).expand_as(p))
+
+    def run_base_expert(self, experts, x: Tensor) -> Tensor:
+        """The base expert (slot 0) as a dense FFN on this worker's tokens. With several workers each
+        holds a copy, kept identical by averaging its gradients over all workers, as data-parallel
+        training does for dense weights (scale 1/W, summed over the world)."""
+        if not self.is_distributed:
+            return experts.forward_one(x, 0)
+        params = [_ExpertGrad.apply(getattr(experts, n), 1.0 / self.world_size, None, True) for n in EXPERT_PARAM_NAMES]
+        return experts.expert_forward(x, *(t[0] for t in params))
+
     # -- sharding of a fully built layer -----------------------------------------------------
 
     def localize(self, experts):

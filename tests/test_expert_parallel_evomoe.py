@@ -1,0 +1,60 @@
+"""EvoMoE's phases under expert parallelism (2 CPU workers, gloo, the real fairseq-train CLI).
+
+1. Expert-diversify then spawn, with a deterministic top-1 gate after the spawn: 2 workers follow the
+   loss curve of one process (the base expert is held by both workers and averaged like a dense
+   weight; the spawn is seeded by global expert id, so both workers spawn what one process would).
+2. The DTS gate with its dynamic number of experts per token runs every phase on 2 workers, and
+   the checkpoint generates in one process.
+"""
+
+import pytest
+
+from conftest import USER_DIR, json_logs, run_cli
+from test_expert_parallel import TRAIN_ARGS, _curve, _load, _torchrun
+
+DIST = ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+
+
+def with_overrides(args, **overrides):
+    """TRAIN_ARGS with some option values replaced (keys as option names without the dashes)."""
+    out = list(args)
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if flag in out:
+            out[out.index(flag) + 1] = str(value)
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def test_diversify_and_spawn_match_one_process(mt_data, tmp_path):
+    args = with_overrides(TRAIN_ARGS, task="evomoe_translation", moe_gate="top1", evomoe_diversify_updates=3,
+                          max_update=6)
+    p2 = _torchrun(mt_data, *args, *DIST, "--save-dir", tmp_path / "w2")
+    log2 = p2.stdout + p2.stderr
+    assert "distributed init (rank 1)" in log2 and "EvoMoE: spawned 4 experts" in log2
+    p1 = run_cli("fairseq-train", mt_data, *args, "--update-freq", "2", "--save-dir", tmp_path / "w1")
+    loss2, _, valid2 = _curve(log2)
+    loss1, _, valid1 = _curve(p1.stdout + p1.stderr)
+    assert len(loss1) == 6
+    assert loss2[:6] == pytest.approx(loss1, abs=2e-3), (loss2, loss1)  # before, at and after the spawn
+    assert valid2[0] == pytest.approx(valid1[0], abs=2e-3)
+    m2, m1 = _load(tmp_path / "w2" / "checkpoint_last.pt")["model"], _load(tmp_path / "w1" / "checkpoint_last.pt")["model"]
+    key = "decoder.layers.1.moe.experts.fc1_weight"
+    assert bool(m2["decoder.layers.1.moe.spawned"]) and m2[key].shape == m1[key].shape
+    assert (m2[key] - m1[key]).abs().max() < 1e-3
+    assert (m2[key][0] != m2[key][1]).any(), "the spawned experts differ"
+
+
+def test_dts_phases_run_on_two_workers(mt_data, tmp_path):
+    args = with_overrides(TRAIN_ARGS, task="evomoe_translation", arch="transformer_evomoe_tiny", moe_gate="dts",
+                          evomoe_diversify_updates=2, dts_anneal_updates=3, dts_hard_update=5, dts_tau_min=0.1,
+                          max_update=7)
+    p2 = _torchrun(mt_data, *args, *DIST, "--save-dir", tmp_path / "w2")
+    rows = {int(r["num_updates"]): r for r in json_logs(p2, "train_inner")}
+    assert [rows[n]["moe_phase"] for n in (1, 2, 3, 6, 7)] == [0, 0, 1, 2, 2]
+    assert rows[3]["moe_experts_per_token"] > 2.0  # soft routing: several experts per token, dropless
+    assert rows[7]["moe_experts_per_token"] == 1.0
+    gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", tmp_path / "w2" / "checkpoint_last.pt",
+                  "--cpu", "--gen-subset", "test", "--max-tokens", "2000", "--beam", "2", "--max-len-b", "20")
+    assert "BLEU4" in gen.stdout + gen.stderr

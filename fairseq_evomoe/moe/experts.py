@@ -4,6 +4,10 @@ Each expert is fairseq's FFN: fc2(dropout(act(fc1(x)))). The weights of all loca
 one tensor per projection (fc1_weight: [E, F, M], like nn.Linear's [out, in]), so an optimizer
 sees four parameters per layer whatever E is, and a checkpoint stores them compactly.
 
+The parameters are tagged `p.expert` only under expert parallelism (moe/parallel.py): fairseq's
+data-parallel wrappers then leave them out of the all-reduce, and its `clip_grad_norm_` leaves them
+out of the norm. In one process they are ordinary parameters and count in the gradient norm.
+
 The grouped matmul splits the expert-sorted tokens into contiguous groups and multiplies each
 group by its expert's weights. The weights are split with `unbind`, whose backward stacks the
 per-expert gradients into one tensor; indexing `W[e]` per expert would instead allocate and add a
@@ -38,8 +42,6 @@ class ExpertFFNs(nn.Module):
         self.fc1_bias = nn.Parameter(torch.empty(num_experts, ffn_dim))
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, model_dim, ffn_dim))
         self.fc2_bias = nn.Parameter(torch.empty(num_experts, model_dim))
-        for p in self.parameters():
-            p.expert = True  # read by expert parallelism: not averaged across data-parallel workers
         self.reset_parameters()
 
     def reset_parameters(self, std: Optional[float] = None, generator: Optional[torch.Generator] = None):

@@ -257,8 +257,11 @@ class ExpertParallel:
                 for n in EXPERT_PARAM_NAMES:
                     old = getattr(experts, n)
                     new = torch.nn.Parameter(old.detach()[lo:hi].clone(), requires_grad=old.requires_grad)
-                    for attr, value in vars(old).items():  # keep tags such as `expert`
+                    for attr, value in vars(old).items():  # keep any tags
                         setattr(new, attr, value)
+                    # fairseq's legacy_ddp skips `p.expert` parameters in its all-reduce (they differ per
+                    # worker); its clip_grad_norm_ also leaves them out of the norm (see docs/distributed.md)
+                    new.expert = True
                     setattr(experts, n, new)
             experts.num_experts = self.num_local_experts
         install_expert_hooks(experts, self)

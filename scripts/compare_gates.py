@@ -265,6 +265,10 @@ def write_report(a, results, cmdline):
         "",
         f"Command: `{cmdline}`",
         "",
+    ]
+    if a.note:
+        lines += [f"> **Note:** {a.note}", ""]
+    lines += [
         "## Setting",
         "",
         f"- Model size `{a.size}` {SIZES[a.size]} (layers per stack, dim, FFN, heads), {a.experts} experts in every "
@@ -372,6 +376,7 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default="runs/compare_gates", help="runs, checkpoints, logs (default runs/compare_gates)")
     p.add_argument("--results", default="docs/results.md", help="Markdown report (default docs/results.md); plots "
                    "go to <results stem>_plots/ next to it")
+    p.add_argument("--note", default="", help="a remark printed at the top of the report")
     p.add_argument("--threads", type=int, default=0, help="torch/OMP threads per run (default: all cores)")
     p.add_argument("--gpu", action="store_true", help="train on the GPU (default: CPU)")
     p.add_argument("--force", action="store_true", help="retrain runs that already have a result")

@@ -77,7 +77,7 @@ fi
 POSTARG=(); [[ "$POST" != none ]] && POSTARG=(--post-process "$POST")
 step "fairseq-generate $SUBSET ($SRC->$TGT, beam $BEAM) with $CKPT"
 "$(fairseq_tool fairseq-generate)" "$DATA" --user-dir "$USER_DIR" --task "$TASK" --path "$CKPT" --gen-subset "$SUBSET" \
-  --source-lang "$SRC" --target-lang "$TGT" --beam "$BEAM" --lenpen "$LENPEN" --max-len-a "$MAXA" --max-len-b "$MAXB" --batch-size "$BSZ" \
+  --source-lang "$SRC" --target-lang "$TGT" --beam "$BEAM" --lenpen "$LENPEN" --max-len-a "$MAXA" --max-len-b "$MAXB" --batch-size "$BSZ" --required-batch-size-multiple 1 \
   "${POSTARG[@]}" --results-path "$OUT" $CPU --log-format tqdm >/dev/null \
   || { tail -5 "$OUT/generate-$SUBSET.txt" >&2 || true; die "fairseq-generate failed (log: $OUT/generate-$SUBSET.txt)"; }
 GEN="$OUT/generate-$SUBSET.txt"

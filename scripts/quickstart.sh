@@ -77,7 +77,7 @@ CKPT="$OUT/checkpoints/checkpoint_last.pt"
 
 step "[3/4] evaluate: fairseq-eval-lm on the test split"
 bash "$SCRIPTS_DIR/evaluate_lm.sh" --data-bin "$OUT/data/bin" --checkpoint "$CKPT" --subset test \
-  --tokens-per-sample 128 --out-dir "$OUT/eval" --cpu 2>/dev/null | grep -E "perplexity" || die "evaluation failed (see $OUT/eval)"
+  --tokens-per-sample 128 --out-dir "$OUT/eval" --cpu 2>/dev/null | grep -E "perplexity" >&2 || die "evaluation failed (see $OUT/eval)"
 
 step "[4/4] plots"
 "$PY" "$SCRIPTS_DIR/plot_routing.py" --run "EvoMoE ($SPAWN)=$OUT/train.log" --out-dir "$OUT/plots" | sed 's/^/  /'

@@ -56,7 +56,7 @@ def main():
                 rec.get("valid_num_updates", "?"),
                 fmt(rec, [("valid_inner_loss", "loss"), ("valid_ppl", "ppl"), ("valid_moe_experts_per_token", "experts/token")]),
             ), file=sys.stderr)
-        elif "EvoMoE" in line or "Traceback" in line or "Error" in line or "done training" in line:
+        elif "EvoMoE phase" in line or "EvoMoE:" in line or "Traceback" in line or "Error" in line or "done training" in line:
             bar.write("  " + line.rstrip().split(" | ")[-1], file=sys.stderr)
     bar.close()
     if done < a.total:

@@ -8,8 +8,9 @@ The parameters are tagged `p.expert` only under expert parallelism (moe/parallel
 data-parallel wrappers then leave them out of the all-reduce, and its `clip_grad_norm_` leaves them
 out of the norm. In one process they are ordinary parameters and count in the gradient norm.
 
-The grouped matmul splits the expert-sorted tokens into contiguous groups and multiplies each
-group by its expert's weights. The weights are split with `unbind`, whose backward stacks the
+The expert-sorted tokens form contiguous groups, one per expert. Where torch has a grouped matmul
+(`torch.nn.functional.grouped_mm`) each projection is one call over all groups. Elsewhere a loop
+multiplies each group by its expert's weights, split with `unbind`, whose backward stacks the
 per-expert gradients into one tensor; indexing `W[e]` per expert would instead allocate and add a
 full-size gradient for every expert (E times the memory traffic).
 """
@@ -21,6 +22,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class _AddGroupBias(torch.autograd.Function):
+    """h[rows of expert e] += bias[e], in place; the bias gradient is a sum per group (a gather
+    with index_select would make its backward a [tokens x width] scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, bias: Tensor, expert_of_row: Tensor, counts: List[int]):
+        ctx.counts = counts
+        ctx.mark_dirty(h)
+        return h.add_(bias.index_select(0, expert_of_row))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad_bias = torch.stack([g.sum(0) for g in grad.split(ctx.counts)])
+        return grad, grad_bias, None, None
+
+
+def grouped_mm_supported(x: Tensor) -> bool:
+    """torch.nn.functional.grouped_mm (torch >= 2.9) on this device and dtype: CPU, or CUDA with bf16
+    on Hopper and newer; elsewhere the per-expert loop below is used."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 class ExpertFFNs(nn.Module):
@@ -67,9 +94,22 @@ class ExpertFFNs(nn.Module):
         if x.shape[0] == 0:
             # keep every parameter in the graph so that gradients exist (zeros)
             return x + 0.0 * sum(p.sum() for p in self.parameters()).to(x.dtype)
+        if grouped_mm_supported(x):
+            return self.grouped_forward(x, counts)
         params = zip(self.fc1_weight.unbind(0), self.fc1_bias.unbind(0), self.fc2_weight.unbind(0), self.fc2_bias.unbind(0))
         outs = [self.expert_forward(xe, *p) for xe, p in zip(x.split(counts), params) if xe.shape[0] > 0]
         return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+
+    def grouped_forward(self, x: Tensor, counts: List[int]) -> Tensor:
+        """Both projections as single grouped matmuls over contiguous groups (torch's grouped_mm)."""
+        sizes = torch.tensor(counts, device=x.device)
+        offsets = torch.cumsum(sizes, 0).to(torch.int32)
+        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), sizes)
+        h = F.grouped_mm(x, self.fc1_weight.transpose(1, 2), offs=offsets)
+        h = _AddGroupBias.apply(h, self.fc1_bias, expert_of_row, counts)
+        h = F.dropout(self.activation_fn(h), p=self.activation_dropout, training=self.training)
+        y = F.grouped_mm(h, self.fc2_weight.transpose(1, 2), offs=offsets)
+        return _AddGroupBias.apply(y, self.fc2_bias, expert_of_row, counts)
 
     def forward_one(self, x: Tensor, expert: int) -> Tensor:
         """One expert on all of x (the dense FFN of the expert-diversify phase, and tests)."""

@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Benchmark: MoE layer throughput against a dense FFN of equal active FLOPs, and against a
+one-hot einsum dispatch (GShard/fairseq style, written here only as the comparison).
+
+Everything is measured in this one run, interleaved (dense, index MoE, einsum MoE, repeat), and
+reported as ratios. Forward + backward, fp32 on CPU (fp32 or --dtype on GPU).
+
+    python scripts/bench_moe_layer.py                      # the README table (CPU, ~10 min on 2 cores)
+    python scripts/bench_moe_layer.py --quick              # a smaller sweep
+    python scripts/bench_moe_layer.py --device cuda --dtype bfloat16
+
+Memory: on CUDA the peak allocated memory of one fwd+bwd; on CPU the activations kept for the
+backward (bytes of the tensors autograd saves), which is what grows with the dispatch method.
+"""
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fairseq_evomoe.moe.experts import ExpertFFNs
+from fairseq_evomoe.moe.gates.base import LinearRouter
+from fairseq_evomoe.moe.layer import MoELayer
+from fairseq_evomoe.moe.gates.top_k import Top1Gate
+from argparse import Namespace
+
+
+class DenseFFN(nn.Module):
+    def __init__(self, dim, ffn):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class EinsumMoE(nn.Module):
+    """Top-1 MoE with one-hot dispatch/combine tensors of shape [S, E, C] (the comparison only)."""
+
+    def __init__(self, dim, ffn, experts, capacity_factor):
+        super().__init__()
+        self.router = LinearRouter(dim, experts)
+        self.w1 = nn.Parameter(torch.randn(experts, dim, ffn) / math.sqrt(dim))
+        self.b1 = nn.Parameter(torch.zeros(experts, 1, ffn))
+        self.w2 = nn.Parameter(torch.randn(experts, ffn, dim) / math.sqrt(ffn))
+        self.b2 = nn.Parameter(torch.zeros(experts, 1, dim))
+        self.E, self.cf = experts, capacity_factor
+
+    def forward(self, x):
+        S = x.shape[0]
+        C = max(1, math.ceil(self.cf * S / self.E))
+        probs = self.router(x).softmax(-1)
+        gate, expert = probs.max(-1)
+        mask = F.one_hot(expert, self.E).to(x.dtype)  # [S, E]
+        pos = (torch.cumsum(mask, 0) - 1) * mask  # position of each token in its expert's buffer
+        keep = (pos < C).to(x.dtype) * mask
+        dispatch = keep.unsqueeze(-1) * F.one_hot(pos.long().clamp(max=C - 1), C).to(x.dtype)  # [S, E, C]
+        combine = dispatch * gate.to(x.dtype)[:, None, None]
+        xe = torch.einsum("sec,sm->ecm", dispatch, x)
+        h = torch.baddbmm(self.b2, F.relu(torch.baddbmm(self.b1, xe, self.w1)), self.w2)
+        return torch.einsum("sec,ecm->sm", combine, h)
+
+
+def index_moe(dim, ffn, experts, capacity_factor):
+    args = Namespace(moe_router_jitter=0.0)
+    gate = Top1Gate(dim, experts, args)
+    return MoELayer(gate, ExpertFFNs(experts, dim, ffn, F.relu), capacity_factor=capacity_factor)
+
+
+def saved_bytes(module, x):
+    """Bytes of the activations autograd keeps for the backward: each storage once, parameters
+    (which exist anyway) and the input excluded."""
+    skip = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    y.float().sum().backward()
+    return sum(seen.values())
+
+
+def peak_cuda_bytes(module, x):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    module(x).float().sum().backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def step_time(module, x, grad):
+    for p in module.parameters():
+        p.grad = None
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    y = module(x)
+    y.backward(grad)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench(E, S, args, device, dtype):
+    torch.manual_seed(0)
+    dim, ffn = args.dim, args.ffn
+    x = torch.randn(S, dim, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(S, dim, device=device, dtype=dtype)
+    models = {
+        "dense": DenseFFN(dim, ffn),
+        "index": index_moe(dim, ffn, E, args.capacity_factor),
+        "einsum": EinsumMoE(dim, ffn, E, args.capacity_factor),
+    }
+    for m in models.values():
+        m.to(device=device, dtype=dtype).train()
+    times = {k: [] for k in models}
+    for _ in range(args.warmup):
+        for k, m in models.items():
+            step_time(m, x, grad)
+    for _ in range(args.reps):
+        for k, m in models.items():  # interleaved, so drift in machine load hits all three alike
+            times[k].append(step_time(m, x, grad))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    measure = peak_cuda_bytes if device.type == "cuda" else saved_bytes
+    mem = {k: measure(m, x) / 2**20 for k, m in models.items()}
+    dropped = models["index"].metadata["dropped_frac"].item()
+    return med, mem, dropped
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--ffn", type=int, default=2048)
+    p.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--capacity-factor", type=float, default=1.0,
+                   help="capacity factor of both MoE layers (0 = dropless for the index layer)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--quick", action="store_true", help="E in {4, 64}, 4096 tokens, 3 reps")
+    args = p.parse_args()
+    if args.quick:
+        args.experts, args.tokens, args.reps = [4, 64], [4096], 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"MoE layer fwd+bwd, model dim {args.dim}, FFN {args.ffn}, top-1, capacity factor {args.capacity_factor}, "
+          f"{args.dtype}, {where}; median of {args.reps} interleaved reps")
+    mem_name = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
+    print(f"| E | tokens | tokens/expert | dense tok/s | index MoE tok/s | index / dense | einsum tok/s | index / einsum "
+          f"| dropped | {mem_name} dense / index / einsum |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for E in args.experts:
+        for S in args.tokens:
+            med, mem, dropped = bench(E, S, args, device, dtype)
+            tps = {k: S / v for k, v in med.items()}
+            print(f"| {E} | {S} | {S // E} | {tps['dense']:,.0f} | {tps['index']:,.0f} | {tps['index'] / tps['dense']:.2f}x "
+                  f"| {tps['einsum']:,.0f} | {tps['index'] / tps['einsum']:.1f}x | {100 * dropped:.1f}% "
+                  f"| {mem['dense']:.0f} / {mem['index']:.0f} / {mem['einsum']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,10 +29,6 @@ class MoECrossEntropyCriterion(MoELossMixin, CrossEntropyCriterion):
         super().__init__(task, sentence_avg)
         self.init_moe_loss(moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load)
 
-    def forward(self, model, sample, reduce=True):
-        loss, sample_size, logging_output = super().forward(model, sample, reduce)
-        return self.add_moe_loss(model, loss, sample_size, logging_output)
-
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         reduce_moe_metrics(logging_outputs)
@@ -62,10 +58,6 @@ class MoELabelSmoothedCrossEntropyCriterion(MoELossMixin, LabelSmoothedCrossEntr
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.init_moe_loss(moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load)
 
-    def forward(self, model, sample, reduce=True):
-        loss, sample_size, logging_output = super().forward(model, sample, reduce)
-        return self.add_moe_loss(model, loss, sample_size, logging_output)
-
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
         reduce_moe_metrics(logging_outputs)  # ppl stays derived from nll_loss (the task loss)
@@ -82,10 +74,6 @@ class MoEMaskedLmLoss(MoELossMixin, MaskedLmLoss):
     def __init__(self, cfg: MoEMaskedLmConfig, task):
         super().__init__(cfg, task)
         self.init_moe_loss(cfg.moe_gate_loss_wt, cfg.moe_gate_loss_combine_method, cfg.moe_z_loss_wt, cfg.moe_log_expert_load)
-
-    def forward(self, model, sample, reduce=True):
-        loss, sample_size, logging_output = super().forward(model, sample, reduce)
-        return self.add_moe_loss(model, loss, sample_size, logging_output)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -72,6 +72,11 @@ class MoELossMixin:
         self.moe_z_loss_wt = moe_z_loss_wt
         self.moe_log_expert_load = moe_log_expert_load
 
+    def forward(self, model, sample, reduce=True):
+        """The task criterion's forward (next in the MRO), plus the MoE loss."""
+        loss, sample_size, logging_output = super().forward(model, sample, reduce)
+        return self.add_moe_loss(model, loss, sample_size, logging_output)
+
     def add_moe_loss(self, model, loss, sample_size, logging_output):
         layers = [m for m in moe_layers(model) if m.metadata]
         logging_output["inner_loss"] = loss.data

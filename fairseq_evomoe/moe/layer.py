@@ -125,7 +125,7 @@ class MoELayer(nn.Module):
         expert_in = x.index_select(0, tokens)
         expert_out = self.parallel.run_experts(self.experts, expert_in, plan.counts)
         weight = routing.weight[assign].to(expert_out.dtype)
-        out = x.new_zeros(x.shape).index_add(0, tokens, expert_out * weight.unsqueeze(1))
+        out = x.new_zeros(x.shape).index_add_(0, tokens, expert_out * weight.unsqueeze(1))
         self.metadata = self.routing_stats(routing, plan, x.shape[0])
         return out
 

@@ -69,9 +69,11 @@ def gate_options(gate, task):
     path = REPO / "configs" / "gate" / f"{gate}.yaml"
     if not path.is_file():
         raise SystemExit(f"--gates: no config {path} for gate {gate!r}; choose from {', '.join(ALL_GATES)}")
-    cfg = OmegaConf.load(path)
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     args = []
     for k, v in cfg.items():
+        if isinstance(v, str) and v.startswith("${"):
+            continue  # e.g. max_update: ${optimization.max_update} (Hydra only; fairseq-train gets --max-update)
         flag = "--" + str(k).replace("_", "-")
         if isinstance(v, bool):
             if v:
@@ -103,13 +105,17 @@ def prepare_data(a, env):
         script, _, marker = DATA_JOBS[task]
         if (dest / marker).is_file():
             continue
-        log(f"preparing data: {script} -> {dest}")
         cmd = ["bash", str(SCRIPTS / script), "--out-dir", str(dest), "--spm-vocab", str(a.spm_vocab)]
         if a.data_dir:
             cmd += ["--data-dir", str(a.data_dir)]
         if a.train_lines:
             cmd += ["--train-lines", str(a.train_lines), "--valid-lines", str(a.eval_lines), "--test-lines", str(a.eval_lines)]
-        subprocess.run(cmd, check=True, env=env)
+        dest.mkdir(parents=True, exist_ok=True)
+        log(f"preparing data: {script} -> {dest} (log: {dest / 'prepare.log'})")
+        try:
+            _run(cmd, dest / "prepare.log", env)
+        except RuntimeError as e:
+            raise SystemExit(f"data preparation failed: {e}")
     return out
 
 
@@ -161,19 +167,20 @@ def final_checkpoint(run_dir):
     return ck
 
 
-def evaluate(a, task, data, run_dir, env):
+def evaluate(a, task, gate, data, run_dir, env):
     ck = final_checkpoint(run_dir)
+    task_args = ["--task", gate_options(gate, task)[0]]  # saves the scripts reading it from the checkpoint
     ev = run_dir / "eval"
     if task == "lm":
         cmd = ["bash", str(SCRIPTS / "evaluate_lm.sh"), "--data-bin", str(data / "bin"), "--checkpoint", str(ck),
-               "--subset", "valid", "--tokens-per-sample", str(a.tokens_per_sample), "--out-dir", str(ev)]
+               "--subset", "valid", "--tokens-per-sample", str(a.tokens_per_sample), "--out-dir", str(ev), *task_args]
         if not a.gpu:
             cmd.append("--cpu")
         _run(cmd, run_dir / "eval.out", env)
         return json.loads((ev / "ppl.valid.json").read_text())
     cmd = ["bash", str(SCRIPTS / "evaluate_translation.sh"), "--data-bin", str(data / "bin"), "--checkpoint", str(ck),
            "--subset", "test", "--ref", str(data / "raw" / "test.en"), "--out-dir", str(ev), "--beam", "5",
-           "--max-len-a", "1.5", "--max-len-b", "10"]
+           "--max-len-a", "1.5", "--max-len-b", "10", *task_args]
     if not a.gpu:
         cmd.append("--cpu")
     _run(cmd, run_dir / "eval.out", env)
@@ -238,7 +245,7 @@ def run_one(a, task, gate, seed, data, env, idx, total):
         "experts_per_token": mean_experts_per_token(parsed),
     }
     t1 = time.time()
-    res.update(evaluate(a, task, data, run_dir, env))
+    res.update(evaluate(a, task, gate, data, run_dir, env))
     res["eval_wall_s"] = time.time() - t1
     result_file.write_text(json.dumps(res, indent=1))
     metric = f"valid ppl {res['ppl']:.2f}" if task == "lm" else f"test BLEU {res['bleu']:.2f}"
@@ -431,15 +438,18 @@ def main(argv=None):
     a.work_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(a, env)
     t0 = time.time()
-    results, failed = [], []
+    results, failed, trained = [], [], 0
     for i, (t, g, s) in enumerate(jobs, 1):
+        t_run = time.time()
         try:
             results.append(run_one(a, t, g, s, data[t], env, i, len(jobs)))
         except RuntimeError as e:
             failed.append(f"{t} {g} seed {s}")
             log(f"[{i}/{len(jobs)}] {t} {g} seed {s}: FAILED: {e}")
-        done = time.time() - t0
-        log(f"    elapsed {done / 60:.1f} min, about {done / i * (len(jobs) - i) / 60:.1f} min left")
+        if time.time() - t_run > 1:  # trained now (not a run finished earlier)
+            trained += 1
+            done = time.time() - t0
+            log(f"    elapsed {done / 60:.1f} min, about {done / trained * (len(jobs) - i) / 60:.1f} min left")
     report = write_report(a, results, cmdline)
     log(f"report: {report}")
     log(f"runs, logs and checkpoints: {a.work_dir}")

@@ -122,19 +122,21 @@ def _phase_spans(records):
 def plot_routing(runs, out):
     plt = _plt()
     has_temp = any(series(log["train"], "moe_temperature")[0] for log in runs.values())
-    fig, axes = plt.subplots(2 if has_temp else 1, 1, figsize=(9, 6.5 if has_temp else 4), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(2 if has_temp else 1, 1, figsize=(11.5, 6.5 if has_temp else 4), sharex=True, squeeze=False)
     axes = axes[:, 0]
     shaded = False
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     phase_colors = {0: "#dddddd", 1: "#fde9c9", 2: "#d6ecd2"}
     for i, (name, log) in enumerate(runs.items()):
         c = colors[i % len(colors)]
-        spans = _phase_spans(log["train"])
+        # EvoMoE's phases: only runs with a DTS temperature (other gates log their own stages, e.g. StableMoE's)
+        is_dts = bool(series(log["train"], "moe_temperature")[0])
+        spans = _phase_spans(log["train"]) if is_dts else []
         if not shaded and len({s[2] for s in spans}) > 1:
             for ax in axes:
                 for a, b, p in spans:
                     ax.axvspan(a, b, color=phase_colors.get(p, "#eeeeee"), alpha=0.6, lw=0,
-                               label=f"phase: {PHASES.get(p, p)}" if ax is axes[0] else None)
+                               label=f"{name} phase: {PHASES.get(p, p)}" if ax is axes[0] else None)
             shaded = True
         xs, ys = series(log["train"], "moe_experts_per_token")
         if xs:
@@ -147,11 +149,11 @@ def plot_routing(runs, out):
     axes[0].set_title("Routing during training (train_inner logs)")
     axes[0].set_ylim(bottom=0)
     axes[0].grid(alpha=0.3)
-    axes[0].legend(loc="upper right", ncol=2)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     if has_temp:
         axes[1].set_ylabel("DTS temperature τ")
         axes[1].grid(alpha=0.3)
-        axes[1].legend(loc="upper right")
+        axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     axes[-1].set_xlabel("updates")
     fig.tight_layout()
     fig.savefig(out)

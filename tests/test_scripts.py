@@ -106,7 +106,7 @@ def test_evaluate_translation_bleu(mt_data, tmp_path):
             "--no-epoch-checkpoints", "--disable-validation", "--num-workers", "0")
     ref = shared_data_dir() / "multi30k" / "test_2016_flickr.en"
     proc = sh("evaluate_translation.sh", "--data-bin", mt_data, "--checkpoint", ckpt / "checkpoint_last.pt",
-              "--post-process", "none", "--ref", ref, "--max-len-a", "1", "--max-len-b", "5", "--out-dir", tmp_path / "ev")
+              "--task", "translation", "--post-process", "none", "--ref", ref, "--max-len-a", "1", "--max-len-b", "5", "--out-dir", tmp_path / "ev")
     res = json.loads((tmp_path / "ev" / "bleu.test.json").read_text())
     assert res["name"] == "BLEU" and 0 <= res["score"] <= 100
     assert lines(tmp_path / "ev" / "hyp.test.detok.txt") == 100
@@ -121,7 +121,7 @@ def comparison(tmp_path_factory):
     work = tmp_path_factory.mktemp("compare")
     proc = sh("compare_gates.py", "--tasks", "lm", "--gates", "switch,evomoe", "--seeds", "1", "--updates", 12,
               "--train-lines", 300, "--eval-lines", 40, "--spm-vocab", 500, "--max-tokens", 512,
-              "--validations", 3, "--max-valid-steps", 3, "--work-dir", work, "--results", work / "results.md",
+              "--validations", 3, "--max-valid-steps", 2, "--work-dir", work, "--results", work / "results.md",
               timeout=600)
     return work, proc
 
@@ -142,7 +142,7 @@ def test_compare_gates_minimal(comparison):
     # a second call finds the finished runs and does not train again
     again = sh("compare_gates.py", "--tasks", "lm", "--gates", "switch,evomoe", "--seeds", "1", "--updates", 12,
                "--train-lines", 300, "--eval-lines", 40, "--spm-vocab", 500, "--max-tokens", 512,
-               "--validations", 3, "--max-valid-steps", 3, "--work-dir", work, "--results", work / "results2.md")
+               "--validations", 3, "--max-valid-steps", 2, "--work-dir", work, "--results", work / "results2.md")
     assert again.stdout.count("done earlier") == 2
 
 

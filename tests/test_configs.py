@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from conftest import REPO, USER_DIR, run_cli
+from conftest import REPO, USER_DIR
 
 import fairseq_evomoe  # noqa: F401  (registers the models, gates, criteria, tasks)
 from fairseq.dataclass.initialize import add_defaults, hydra_init
@@ -124,13 +124,20 @@ def test_paper_translation_setting():
 
 def test_hydra_train_runs_tiny_config(lm_data, tmp_path):
     """fairseq-hydra-train really trains two updates from configs/tiny_lm.yaml on shipped WikiText-2."""
-    proc = run_cli(
-        "fairseq-hydra-train", "--config-dir", CONFIGS, "--config-name", "tiny_lm", "gate=switch",
+    import subprocess
+    import sys
+
+    from conftest import cli
+
+    cmd = [
+        cli("fairseq-hydra-train"), "--config-dir", str(CONFIGS), "--config-name", "tiny_lm", "gate=switch",
         f"task.data={lm_data}", f"common.user_dir={USER_DIR}", "optimization.max_update=2", "common.log_interval=1",
         f"checkpoint.save_dir={tmp_path / 'ckpt'}", "checkpoint.no_save=true", "dataset.max_tokens=512",
         "task.tokens_per_sample=64", "dataset.validate_interval_updates=0", "dataset.disable_validation=true",
-        check=False, timeout=300,
-    )
+    ]
+    # run in tmp_path: Hydra writes hydra_train.log into the run dir (the configs use hydra.run.dir=.)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                          env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")))
     out = proc.stdout + proc.stderr
     if proc.returncode != 0 and "invalid argument moe_" in out:
         pytest.xfail("fairseq_evomoe models lose their MoE options when fairseq-hydra-train passes the model "

@@ -1,5 +1,6 @@
 """Checks that need both the model options and the task, run before a model is built."""
 
+import argparse
 import logging
 
 from ..evomoe.options import validate_spawn_options
@@ -21,3 +22,13 @@ def check_model_against_task(args, task) -> None:
         raise ValueError(
             f"--evomoe-diversify-updates ({diversify}) must be below --max-update ({max_update}): the experts would never be spawned"
         )
+
+
+def plain_args(args):
+    """fairseq-hydra-train hands models an OmegaConf DictConfig; fairseq's TransformerConfig keeps
+    only the keys it knows from one, so the MoE options would be lost. A Namespace keeps them all."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(args):
+        return argparse.Namespace(**OmegaConf.to_container(args, resolve=True))
+    return args

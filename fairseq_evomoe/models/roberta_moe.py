@@ -11,7 +11,7 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 
 from ..moe import options as moe_options
 from ..moe.expert_checkpoint import ExpertParallelModelMixin
-from .model_checks import check_model_against_task
+from .model_checks import check_model_against_task, plain_args
 from .moe_stack import MoETransformerEncoder
 
 
@@ -35,11 +35,8 @@ class RobertaMoEModel(ExpertParallelModelMixin, RobertaModel):
 
     @classmethod
     def build_model(cls, args, task):
-        # RobertaModel.build_model, with the MoE encoder
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(args):
-            OmegaConf.set_struct(args, False)
+        # RobertaModel.build_model, with the MoE encoder (and args as a Namespace, see plain_args)
+        args = plain_args(args)
         base_roberta_moe_architecture(args)
         moe_options.validate(args, {"encoder": args.encoder_layers})
         check_model_against_task(args, task)
@@ -48,8 +45,6 @@ class RobertaMoEModel(ExpertParallelModelMixin, RobertaModel):
                 args.tokens_per_sample = task.max_positions()
             args.max_positions = args.tokens_per_sample
         encoder = RobertaMoEEncoder(args, task.source_dictionary)
-        if OmegaConf.is_config(args):
-            OmegaConf.set_struct(args, True)
         return cls(args, encoder)
 
 

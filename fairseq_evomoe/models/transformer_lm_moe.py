@@ -6,7 +6,7 @@ from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerL
 
 from ..moe import options as moe_options
 from ..moe.expert_checkpoint import ExpertParallelModelMixin
-from .model_checks import check_model_against_task
+from .model_checks import check_model_against_task, plain_args
 from .moe_stack import MoETransformerDecoder
 
 
@@ -19,6 +19,7 @@ class TransformerLanguageModelMoE(ExpertParallelModelMixin, TransformerLanguageM
 
     @classmethod
     def build_model(cls, args, task):
+        args = plain_args(args)
         base_lm_moe_architecture(args)
         moe_options.validate(args, {"decoder": args.decoder_layers})
         check_model_against_task(args, task)

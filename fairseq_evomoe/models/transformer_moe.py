@@ -11,7 +11,7 @@ from fairseq.models.transformer.transformer_legacy import (
 from ..moe import options as moe_options
 from ..moe.expert_checkpoint import ExpertParallelModelMixin
 from .moe_stack import MoETransformerDecoder, MoETransformerEncoder
-from .model_checks import check_model_against_task
+from .model_checks import check_model_against_task, plain_args
 
 
 @register_model("transformer_moe")
@@ -25,6 +25,7 @@ class TransformerMoEModel(ExpertParallelModelMixin, TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
+        args = plain_args(args)
         base_moe_architecture(args)
         moe_options.validate(args, {"encoder": args.encoder_layers, "decoder": args.decoder_layers})
         check_model_against_task(args, task)

@@ -92,11 +92,8 @@ def test_checkpoints_load_under_weights_only(mt_data, tmp_path):
     "extra, message",
     [
         (["--moe-gate", "nope"], "--moe-gate 'nope' is not a known gate; choose one of:"),
-        (["--moe-expert-count", "0"], "--moe-expert-count must be >= 1"),
-        (["--moe-capacity-factor", "-1"], "--moe-capacity-factor must be >= 0"),
         (["--moe-freq", "3"], "--moe-freq 3 is larger than the 2 layers of the encoder"),
         (["--evomoe-diversify-updates", "10"], "--evomoe-diversify-updates (10) must be below --max-update (10)"),
-        (["--moe-drop-policy", "random"], "--moe-drop-policy 'random' is not valid; choose one of: score, position"),
     ],
 )
 def test_bad_options_fail_before_training(mt_data, tmp_path, extra, message):
@@ -107,3 +104,27 @@ def test_bad_options_fail_before_training(mt_data, tmp_path, extra, message):
     assert proc.returncode != 0
     assert message in text, text[-3000:]
     assert "train_inner" not in text and not (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(moe_expert_count=0), "--moe-expert-count must be >= 1"),
+        (dict(moe_capacity_factor=-1.0), "--moe-capacity-factor must be >= 0"),
+        (dict(moe_eval_capacity_factor=-2.0), "--moe-eval-capacity-factor must be >= 0 (0 = dropless) or -1"),
+        (dict(moe_drop_policy="random"), "--moe-drop-policy 'random' is not valid; choose one of: score, position"),
+        (dict(moe_freq=-1), "--moe-freq must be >= 0"),
+        (dict(moe_expert_ffn_dim=0), "--moe-expert-ffn-dim must be >= 1"),
+        (dict(moe_router_jitter=1.5), "--moe-router-jitter must be in [0, 1)"),
+        (dict(scale_fc=True), "--scale-fc"),
+    ],
+)
+def test_option_validation_messages(overrides, message):
+    """The same validation the architectures run before building (the CLI cases above go end to end)."""
+    from moe_helpers import moe_args
+
+    from fairseq_evomoe.moe import options as moe_options
+
+    with pytest.raises(ValueError) as err:
+        moe_options.validate(moe_args(**overrides), {"encoder": 2, "decoder": 2})
+    assert message in str(err.value)

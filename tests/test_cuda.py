@@ -34,3 +34,20 @@ def test_bf16_grouped_path_matches_the_reference():
     x = torch.randn(2048, 128, device="cuda", dtype=torch.bfloat16)
     fast, ref = fast_and_reference(layer, x)
     torch.testing.assert_close(fast.float(), ref.float(), rtol=3e-2, atol=3e-2 * ref.float().abs().max().item())
+
+
+def test_spawn_on_cuda_matches_cpu():
+    """The expert spawn and the fresh gate are drawn from seeded CPU generators, so a spawn on a
+    GPU gives exactly the CPU result."""
+    from fairseq_evomoe.evomoe.diversify import SpawnSettings, spawn_experts
+
+    cpu = make_layer("dts", num_experts=4, dim=32, ffn=64, seed=0)
+    gpu = make_layer("dts", num_experts=4, dim=32, ffn=64, seed=0).cuda()
+    for layer in (cpu, gpu):
+        layer.spawned.fill_(False)
+        layer.layer_name = "dec1"
+    for mode in ("mask", "reinit", "noise", "copy"):
+        spawn_experts(cpu, SpawnSettings(mode, 0.5, seed=3))
+        spawn_experts(gpu, SpawnSettings(mode, 0.5, seed=3))
+        for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+            torch.testing.assert_close(a, b.cpu(), msg=f"{mode}: {name}")

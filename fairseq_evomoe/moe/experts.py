@@ -73,15 +73,18 @@ class ExpertFFNs(nn.Module):
 
     def reset_parameters(self, std: Optional[float] = None, generator: Optional[torch.Generator] = None):
         """nn.Linear's default init per expert, or normal(0, std) with zero bias (BERT-style)."""
+        def draw(t, fill):  # on the CPU (generators are per device), then moved
+            t.copy_(fill(torch.empty(t.shape, dtype=torch.float32)))
+
         with torch.no_grad():
             for w, b in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
                 if std is not None:
-                    w.normal_(0.0, std, generator=generator)
+                    draw(w, lambda t: t.normal_(0.0, std, generator=generator))
                     b.zero_()
                 else:
                     bound = 1.0 / math.sqrt(w.shape[-1])
-                    w.uniform_(-bound, bound, generator=generator)
-                    b.uniform_(-bound, bound, generator=generator)
+                    draw(w, lambda t: t.uniform_(-bound, bound, generator=generator))
+                    draw(b, lambda t: t.uniform_(-bound, bound, generator=generator))
 
     def expert_forward(self, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
         h = self.activation_fn(F.linear(x, w1, b1))

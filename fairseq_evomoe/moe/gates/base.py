@@ -91,8 +91,9 @@ class LinearRouter(nn.Module):
     def reset_parameters(self, generator: Optional[torch.Generator] = None):
         # nn.Linear's default bound, but drawable from a seeded generator (fresh gate at a spawn)
         bound = 1.0 / self.wg.in_features ** 0.5
-        with torch.no_grad():
-            self.wg.weight.uniform_(-bound, bound, generator=generator)
+        w = self.wg.weight
+        with torch.no_grad():  # drawn on the CPU (generators are per device), then moved
+            w.copy_(torch.empty(w.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()

@@ -15,6 +15,7 @@ backward (bytes of the tensors autograd saves), which is what grows with the dis
 
 import argparse
 import math
+import os
 import statistics
 import time
 
@@ -159,7 +160,8 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"MoE layer fwd+bwd, model dim {args.dim}, FFN {args.ffn}, top-1, capacity factor {args.capacity_factor}, "
-          f"{args.dtype}, {where}; median of {args.reps} interleaved reps")
+          f"{args.dtype}, {where}; median of {args.reps} interleaved reps; "
+          f"load average before the run {os.getloadavg()[0]:.2f} (other jobs on the machine lower the ratios)")
     mem_name = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
     print(f"| E | tokens | tokens/expert | dense tok/s | index MoE tok/s | index / dense | einsum tok/s | index / einsum "
           f"| dropped | {mem_name} dense / index / einsum |")

@@ -8,7 +8,7 @@ experts as contiguous groups, and added back with `index_add_`.
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -46,9 +46,6 @@ class DispatchPlan:
     @property
     def num_dropped(self) -> Tensor:
         return self.routed_counts.sum() - self.counts.sum()
-
-    def counts_list(self) -> List[int]:
-        return self.counts.tolist()
 
 
 def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[int], policy: str = "score") -> DispatchPlan:

@@ -66,11 +66,6 @@ class Gate(nn.Module):
         self.num_experts = num_experts
         self.args = args
 
-    @property
-    def uses_router(self) -> bool:
-        """Whether the gate has a learned router whose logits drive routing."""
-        return True
-
     def forward(self, x: Tensor, token_ids: Optional[Tensor]) -> Routing:  # pragma: no cover
         raise NotImplementedError
 

@@ -79,10 +79,6 @@ class HashGate(Gate):
             table = universal_hash(torch.arange(len(dictionary)), num_experts, self.seed)
         self.register_buffer("table", table)
 
-    @property
-    def uses_router(self) -> bool:
-        return False
-
     def expert_of(self, token_ids: Tensor) -> Tensor:
         if self.table.numel() == 0:
             return universal_hash(token_ids, self.num_experts, self.seed)

@@ -28,7 +28,7 @@ import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq import metrics, utils
 
-from ..moe.layer import MoELayer
+from ..moe.layer import MoELayer, moe_layers
 
 COMBINE_METHODS = ("sum", "average")
 STAT_KEYS = (
@@ -53,10 +53,6 @@ class MoELossOptions(FairseqDataclass):
     moe_log_expert_load: bool = field(
         default=False, metadata={"help": "also log each expert's share of tokens per layer (for load heatmaps)"}
     )
-
-
-def moe_layers(model) -> List[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
 class MoELossMixin:

@@ -9,9 +9,9 @@ valid steps, and logs a line at each phase change.
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
-from ..moe.layer import MoELayer
+from ..moe.layer import MoELayer, moe_layers
 from .diversify import SpawnSettings, spawn_experts, spawn_optimizer_state
 from .schedule import Phase
 
@@ -37,12 +37,8 @@ class PhaseController:
         self.last_phase: Optional[Phase] = None
         self.num_updates: Optional[int] = None
 
-    @staticmethod
-    def moe_layers(model) -> List[MoELayer]:
-        return [m for m in model.modules() if isinstance(m, MoELayer)]
-
     def before_train_step(self, model, optimizer, update_num: int) -> None:
-        layers = self.moe_layers(model)
+        layers = moe_layers(model)
         due = [m for m in layers if not m.is_sparse and m.evomoe is not None and update_num >= m.evomoe.updates]
         for m in due:
             spawn_experts(m, m.evomoe.spawn)
@@ -63,7 +59,7 @@ class PhaseController:
     def push(self, model, num_updates: int) -> None:
         self.num_updates = num_updates
         model.set_num_updates(num_updates)
-        layers = self.moe_layers(model)
+        layers = moe_layers(model)
         if not layers:
             return
         phase = layer_phase(layers[0])

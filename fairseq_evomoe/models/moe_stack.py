@@ -34,7 +34,7 @@ from ..evomoe.diversify import SpawnSettings
 from ..evomoe.schedule import resolve_updates
 from ..moe.experts import ExpertFFNs
 from ..moe.gates.base import build_gate
-from ..moe.layer import MoELayer
+from ..moe.layer import MoELayer, moe_layers
 from ..moe.options import moe_layer_indices
 from ..moe.parallel import ExpertParallel
 
@@ -115,19 +115,15 @@ def wrap_layer(layer: nn.Module, cfg) -> nn.Module:
     return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
 
 
-def moe_layers_of(module: nn.Module) -> List[MoELayer]:
-    return [m for m in module.modules() if isinstance(m, MoELayer)]
-
-
 @contextmanager
-def routing_tokens(moe_layers: List[MoELayer], tokens):
+def routing_tokens(layers: List[MoELayer], tokens):
     """Let the MoE layers see the token ids [batch, time] of the current forward."""
-    for m in moe_layers:
+    for m in layers:
         m.routing_tokens = tokens
     try:
         yield
     finally:
-        for m in moe_layers:
+        for m in layers:
             m.routing_tokens = None
 
 
@@ -139,7 +135,7 @@ class MoETransformerEncoder(TransformerEncoderBase):
             moe = build_moe_layer(cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, dictionary)
             moe.layer_name = f"enc{i}"
             self.layers[i] = wrap_layer(MoETransformerEncoderLayer(cfg, moe, return_fc=return_fc), cfg)
-        self.moe_layers = moe_layers_of(self.layers)
+        self.moe_layers = moe_layers(self.layers)
 
     def forward(self, src_tokens, src_lengths=None, return_all_hiddens: bool = False, token_embeddings=None):
         with routing_tokens(self.moe_layers, src_tokens):
@@ -154,7 +150,7 @@ class MoETransformerDecoder(TransformerDecoderBase):
             moe = build_moe_layer(cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim, dictionary)
             moe.layer_name = f"dec{i}"
             self.layers[i] = wrap_layer(MoETransformerDecoderLayer(cfg, moe, no_encoder_attn=no_encoder_attn), cfg)
-        self.moe_layers = moe_layers_of(self.layers)
+        self.moe_layers = moe_layers(self.layers)
 
     def extract_features(
         self,

@@ -8,7 +8,7 @@ After each forward the layer leaves `self.metadata`: its balance loss and z-loss
 graph) and routing statistics (detached tensors, no host sync), which the MoE criteria read.
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -164,3 +164,8 @@ class MoELayer(nn.Module):
         for e in range(self.num_experts):
             out = out + self.experts.forward_one(x, e) * combine[:, e : e + 1].to(x.dtype)
         return out
+
+
+def moe_layers(module: nn.Module) -> List[MoELayer]:
+    """The MoE layers inside a module (a model, an encoder, a stack of layers), in order."""
+    return [m for m in module.modules() if isinstance(m, MoELayer)]

@@ -48,6 +48,11 @@ def fairseq_checkpoint_types() -> list:
     except ImportError:  # numpy < 2
         pass
     types.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
+    # with several workers, rank 0 loads the checkpoint and fairseq broadcasts it to the others as a
+    # torch.save'd buffer in which every tensor is replaced by this placeholder
+    from fairseq.distributed.utils import _TensorPlaceholder
+
+    types.append(_TensorPlaceholder)
     return [t for t in types if t is not None]
 
 

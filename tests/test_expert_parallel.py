@@ -4,9 +4,13 @@
     gradients, gate gradients (summed over workers) and expert gradients (x W, see moe/parallel.py),
     including workers with 0 tokens, experts with 0 tokens, top-2 (uneven splits) and replicated
     experts (E < W); bad E/W combinations fail at build; expert checkpoint hooks gather and slice.
-(b) the real `fairseq-train` under torchrun with 2 workers gives the loss curve of one process on the
-    same global batches; its checkpoint reloads in one process and `fairseq-generate` translates
-    with it; `--restore-file` continues training from it in one process.
+    The optimizer side: the gradient norm (and clipping) counts every expert once, and the
+    optimizer's expert state is saved complete from rank 0 and sliced again on load.
+(b) the real `fairseq-train` under torchrun with 2 workers gives the loss and gradient-norm curves of
+    one process on the same global batches, with clipping; its checkpoint holds the single-process
+    weights and optimizer state, reloads in one process and `fairseq-generate` translates with it;
+    `--restore-file` resumes it (optimizer state included) on 1 or 2 workers exactly as the
+    single-process checkpoint resumes.
 """
 
 import copy
@@ -148,9 +152,102 @@ def _worker(rank, world, init_file):
         dist.destroy_process_group()
 
 
+def _as_after_fairseq_all_reduce(layer, ref, world):
+    """Give the expert-parallel layer the gradients fairseq's trainer holds before clipping: dense
+    ones all-reduced (DDP average x W), expert ones x W; return (ep params, ref params) in order."""
+    for p in layer.gate.parameters():
+        dist.all_reduce(p.grad)
+    for p in layer.experts.parameters():
+        p.grad.mul_(world)
+    return list(layer.gate.parameters()) + list(layer.experts.parameters()), \
+        list(ref.gate.parameters()) + list(ref.experts.parameters())
+
+
+def _check_optimizer_side(rank, world, num_experts, diversify):
+    """Gradient norm and clipping count every expert once; the optimizer's expert state is saved
+    complete from rank 0 and sliced again on load (moe/expert_optimizer.py)."""
+    from fairseq import utils
+
+    ref, layer, par = _layer_pair("top1", num_experts, world, rank)
+    xs, gs = _tokens([23, 17], 8, 7)
+    x_all = torch.cat(xs)
+    if diversify:  # EvoMoE's base expert: every worker holds a copy (global expert 0)
+        par.share_base_expert(layer.experts)
+        (ref.experts.forward_one(x_all, 0) * torch.cat(gs)).sum().backward()
+        (par.run_base_expert(layer.experts, xs[rank]) * gs[rank]).sum().backward()
+        for p in layer.gate.parameters():
+            p.grad = torch.zeros_like(p)
+        for p in ref.gate.parameters():
+            p.grad = torch.zeros_like(p)
+    else:
+        (ref.sparse_forward(x_all, None) * torch.cat(gs)).sum().backward()
+        (layer.sparse_forward(xs[rank], None) * gs[rank]).sum().backward()
+    mine, full = _as_after_fairseq_all_reduce(layer, ref, world)
+
+    want = utils.clip_grad_norm_(full, 0.0)  # one process: nothing tagged, every expert counted
+    got = utils.clip_grad_norm_(mine, 0.0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    max_norm = 0.5 * float(want)  # clips
+    utils.clip_grad_norm_(full, max_norm)
+    utils.clip_grad_norm_(mine, max_norm)
+    local = list(par.local_experts)
+    if diversify:  # every worker's slot 0 is the base expert; the other slots get no gradient
+        torch.testing.assert_close(layer.experts.fc2_weight.grad[0], ref.experts.fc2_weight.grad[0], atol=1e-6, rtol=1e-5)
+        return
+    torch.testing.assert_close(layer.experts.fc2_weight.grad, ref.experts.fc2_weight.grad[local], atol=1e-6, rtol=1e-5)
+
+    opt_full = torch.optim.Adam(full, lr=0.01)
+    opt_mine = torch.optim.Adam(mine, lr=0.01)
+    opt_full.step()
+    opt_mine.step()
+    opt_mine.consolidate_state_dict()  # attached at the first step; fairseq calls it before saving
+    if rank == 0:
+        saved, expected = opt_mine.state_dict(), opt_full.state_dict()
+        for i in expected["state"]:
+            for k, v in expected["state"][i].items():
+                torch.testing.assert_close(saved["state"][i][k], v, atol=1e-6, rtol=1e-4, msg=f"param {i} {k}")
+        assert opt_mine.state[layer.experts.fc1_weight]["exp_avg"].shape[0] == par.num_local_experts
+        with torch.no_grad():
+            layer.experts.fc1_weight.grad.mul_(2)
+        opt_mine.step()  # the gathered state is now stale
+        with pytest.raises(RuntimeError, match="consolidate_state_dict"):
+            opt_mine.state_dict()
+    # resume on W workers from a single-process checkpoint: every worker keeps its slice
+    resumed = torch.optim.Adam(mine, lr=0.01)
+    resumed.load_state_dict(copy.deepcopy(opt_full.state_dict()))
+    for p, q in zip(mine, full):
+        p.grad = q.grad[local].clone() if getattr(p, "expert", False) else q.grad.clone()
+        with torch.no_grad():
+            p.copy_(q[local] if getattr(p, "expert", False) else q)
+    resumed.step()
+    opt_full.step()
+    torch.testing.assert_close(layer.experts.fc1_weight.detach(), ref.experts.fc1_weight.detach()[local], atol=1e-6, rtol=1e-5)
+    assert resumed.state[layer.experts.fc1_weight]["exp_avg_sq"].shape[0] == par.num_local_experts
+
+
+def _optimizer_worker(rank, world, init_file):
+    sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for num_experts, diversify in ((4, False), (1, False), (4, True)):
+            try:
+                _check_optimizer_side(rank, world, num_experts, diversify)
+            except Exception as exc:
+                traceback.print_exc()
+                raise AssertionError(f"rank {rank}, E={num_experts}, diversify={diversify}: {exc}") from exc
+    finally:
+        dist.destroy_process_group()
+
+
 def test_expert_parallel_layer_matches_single_process():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(WORLD, os.path.join(d, "rendezvous")), nprocs=WORLD, join=True)
+
+
+def test_expert_parallel_gradient_norm_and_optimizer_state():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_optimizer_worker, args=(WORLD, os.path.join(d, "rendezvous")), nprocs=WORLD, join=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,13 +257,14 @@ def test_expert_parallel_layer_matches_single_process():
 # dropout 0, dropless routing and a deterministic top-2 make the computation independent of how
 # the batch is split between workers. W=2 takes batches (2i, 2i+1) as the two workers' halves of
 # update i; W=1 with --update-freq 2 takes the same two batches in one update: same global batch.
+CLIP_NORM = 1.0  # clips some of the updates (the test checks that it does)
 TRAIN_ARGS = [
     "--user-dir", USER_DIR, "--task", "translation", "--arch", "transformer_moe_tiny",
     "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
     "--cpu", "--optimizer", "adam", "--lr", "0.002", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "10",
     "--max-tokens", "800", "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
     "--moe-expert-count", "4", "--moe-gate", "top2", "--moe-second-expert-policy", "all",
-    "--moe-capacity-factor", "0", "--clip-norm", "0", "--max-update", "6", "--seed", "1",
+    "--moe-capacity-factor", "0", "--clip-norm", str(CLIP_NORM), "--max-update", "6", "--seed", "1",
     "--log-format", "json", "--log-interval", "1", "--no-epoch-checkpoints", "--num-workers", "0",
 ]
 
@@ -205,6 +303,11 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def _optimizer_state(ckpt):
+    state = _load(ckpt)
+    return state["last_optimizer_state"]["state"], state["optimizer_history"][-1]["num_updates"]
+
+
 def test_cli_two_workers_match_one_process_and_checkpoint_loads_anywhere(mt_data, tmp_path):
     two, one = tmp_path / "w2", tmp_path / "w1"
     p2 = _torchrun(mt_data, *TRAIN_ARGS, "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
@@ -215,9 +318,9 @@ def test_cli_two_workers_match_one_process_and_checkpoint_loads_anywhere(mt_data
     loss2, gnorm2, valid2 = _curve(log2)
     loss1, gnorm1, valid1 = _curve(p1.stdout + p1.stderr)
     assert len(loss1) == 6 and loss2[: len(loss1)] == pytest.approx(loss1, abs=2e-3), (loss2, loss1)
-    # no clipping here: one process counts the experts in the gradient norm, expert parallelism
-    # leaves them out (fairseq 0.12's clip_grad_norm_ skips `p.expert`; docs/distributed.md)
-    assert all(g2 <= g1 + 2e-3 for g2, g1 in zip(gnorm2, gnorm1)), (gnorm2, gnorm1)
+    # the gradient norm counts every expert once, on 2 workers as in one process; --clip-norm clips
+    assert gnorm2[: len(gnorm1)] == pytest.approx(gnorm1, rel=1e-3), (gnorm2, gnorm1)
+    assert max(gnorm1) > CLIP_NORM
     assert valid2[0] == pytest.approx(valid1[0], abs=2e-3)
 
     # the W=2 checkpoint holds every expert once, in the single-process format, with the same weights
@@ -228,13 +331,35 @@ def test_cli_two_workers_match_one_process_and_checkpoint_loads_anywhere(mt_data
         if m1[k].is_floating_point():
             torch.testing.assert_close(m2[k], m1[k], atol=1e-4, rtol=1e-3, msg=k)
     assert m2["encoder.layers.1.moe.experts.fc1_weight"].shape[0] == 4
+    # ... and the Adam moments of every parameter, the experts' gathered from both workers, as one
+    # process has them (same parameter order, same shapes: [E, ...] for the experts)
+    (o2, n2), (o1, n1) = _optimizer_state(two / "checkpoint_last.pt"), _optimizer_state(one / "checkpoint_last.pt")
+    assert n2 == n1 == 6 and o2.keys() == o1.keys()
+    assert any(s["exp_avg"].shape[:1] == (4,) and s["exp_avg"].dim() == 3 for s in o1.values())
+    for i in o1:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert o2[i][k].shape == o1[i][k].shape, (i, k)
+            torch.testing.assert_close(o2[i][k], o1[i][k], atol=1e-6, rtol=2e-2, msg=f"parameter {i} {k}")
 
-    # ... loads in one process: generation and continued training
+    # ... loads in one process and generates
     gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", two / "checkpoint_last.pt",
                   "--cpu", "--gen-subset", "test", "--max-tokens", "2000", "--beam", "2", "--max-len-b", "20")
     hyps = [line for line in gen.stdout.splitlines() if line.startswith("H-")]
     srcs = [line for line in gen.stdout.splitlines() if line.startswith("S-")]
     assert len(hyps) == len(srcs) > 50, gen.stdout[-2000:]
-    # expert Adam moments are rank 0's only (docs/distributed.md): resume with --reset-optimizer
-    run_cli("fairseq-train", mt_data, *TRAIN_ARGS, "--update-freq", "2", "--save-dir", tmp_path / "resumed",
-            "--restore-file", two / "checkpoint_last.pt", "--reset-optimizer", "--max-update", "2")
+
+    # ... and resumes, optimizer state and learning-rate schedule included (no --reset-optimizer), in
+    # one process or on 2 workers, exactly as the single-process checkpoint does (--reset-dataloader
+    # makes all three continue on the same batches)
+    more = ["--max-update", "8", "--reset-dataloader"]
+    r1 = run_cli("fairseq-train", mt_data, *TRAIN_ARGS, "--update-freq", "2", "--save-dir", tmp_path / "r1",
+                 "--restore-file", one / "checkpoint_last.pt", *more)
+    r21 = run_cli("fairseq-train", mt_data, *TRAIN_ARGS, "--update-freq", "2", "--save-dir", tmp_path / "r21",
+                  "--restore-file", two / "checkpoint_last.pt", *more)
+    r22 = _torchrun(mt_data, *TRAIN_ARGS, "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp",
+                    "--save-dir", tmp_path / "r22", "--restore-file", two / "checkpoint_last.pt", *more)
+    want = _curve(r1.stdout + r1.stderr)[0]
+    assert len(want) == 2  # updates 7 and 8
+    for name, run in (("2 workers -> 1 process", r21), ("2 workers -> 2 workers", r22)):
+        got = _curve(run.stdout + run.stderr)[0]
+        assert got == pytest.approx(want, abs=2e-3), (name, got, want)

@@ -1,7 +1,7 @@
 """EvoMoE's phases under expert parallelism (2 CPU workers, gloo, the real fairseq-train CLI).
 
 1. Expert-diversify then spawn, with a deterministic top-1 gate after the spawn: 2 workers follow the
-   loss curve of one process (the base expert is held by both workers and averaged like a dense
+   loss and gradient-norm curves of one process (the base expert is held by both workers and averaged like a dense
    weight; the spawn is seeded by global expert id, so both workers spawn what one process would).
 2. The DTS gate with its dynamic number of experts per token runs every phase on 2 workers, and
    the checkpoint generates in one process.
@@ -34,10 +34,12 @@ def test_diversify_and_spawn_match_one_process(mt_data, tmp_path):
     log2 = p2.stdout + p2.stderr
     assert "distributed init (rank 1)" in log2 and "EvoMoE: spawned 4 experts" in log2
     p1 = run_cli("fairseq-train", mt_data, *args, "--update-freq", "2", "--save-dir", tmp_path / "w1")
-    loss2, _, valid2 = _curve(log2)
-    loss1, _, valid1 = _curve(p1.stdout + p1.stderr)
+    loss2, gnorm2, valid2 = _curve(log2)
+    loss1, gnorm1, valid1 = _curve(p1.stdout + p1.stderr)
     assert len(loss1) == 6
     assert loss2[:6] == pytest.approx(loss1, abs=2e-3), (loss2, loss1)  # before, at and after the spawn
+    # the gradient norm (clipped at --clip-norm) counts the shared base expert once, then every expert once
+    assert gnorm2[:6] == pytest.approx(gnorm1, rel=1e-3), (gnorm2, gnorm1)
     assert valid2[0] == pytest.approx(valid1[0], abs=2e-3)
     m2, m1 = _load(tmp_path / "w2" / "checkpoint_last.pt")["model"], _load(tmp_path / "w1" / "checkpoint_last.pt")["model"]
     key = "decoder.layers.1.moe.experts.fc1_weight"

@@ -27,7 +27,7 @@ previous checkpoint untouched.
 Optimizer state: see docs/distributed.md ("What a checkpoint keeps").
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -95,6 +95,15 @@ def expert_modules(model) -> List[torch.nn.Module]:
     return [m for m in model.modules() if getattr(m, "_expert_hooks_installed", False)]
 
 
+def gather_to_rank0(local: torch.Tensor, par: ExpertParallel) -> Optional[torch.Tensor]:
+    """Collective: the [E, ...] tensor of all experts from every worker's [E/P, ...] slice, as a CPU
+    tensor on rank 0 (None elsewhere); replicas (W > E) send theirs too, rank 0 keeps block 0's."""
+    local = local.contiguous()
+    parts = [torch.empty_like(local) for _ in range(par.world_size)] if par.rank == 0 else None
+    dist.gather(local, parts, dst=0)
+    return torch.cat(parts[: par.block_size], dim=0).cpu() if par.rank == 0 else None
+
+
 @torch.no_grad()
 def gather_experts(model) -> None:
     """Collective (call on every rank): rank 0 keeps a CPU copy of every layer's full experts."""
@@ -104,11 +113,9 @@ def gather_experts(model) -> None:
             continue
         tensors: Dict[str, torch.Tensor] = {}
         for n in EXPERT_PARAM_NAMES:
-            local = getattr(experts, n).detach().contiguous()
-            parts = [torch.empty_like(local) for _ in range(par.world_size)] if par.rank == 0 else None
-            dist.gather(local, parts, dst=0)
-            if par.rank == 0:
-                tensors[n] = torch.cat(parts[: par.block_size], dim=0).cpu()
+            full = gather_to_rank0(getattr(experts, n).detach(), par)
+            if full is not None:
+                tensors[n] = full
         experts._expert_snapshot = {"versions": _local_versions(experts), "tensors": tensors} if par.rank == 0 else None
 
 

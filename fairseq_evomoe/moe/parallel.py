@@ -103,6 +103,12 @@ class _ExpertGrad(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _set_grad_copies(experts, copies: int) -> None:
+    """How many workers hold an identical copy of these expert gradients (for the gradient norm)."""
+    for n in EXPERT_PARAM_NAMES:
+        getattr(experts, n).expert_grad_copies = copies
+
+
 class ExpertParallel:
     def __init__(
         self,
@@ -213,6 +219,7 @@ class ExpertParallel:
         autograd graph, and with it the order of collectives in backward, is the same on all ranks."""
         reduce = self.num_replicas > 1
         scale = 1.0 / self.world_size
+        _set_grad_copies(experts, self.num_replicas)
         params = [_ExpertGrad.apply(getattr(experts, n), scale, self.replica_group, reduce) for n in EXPERT_PARAM_NAMES]
         outs = [
             experts.expert_forward(xe, *p)
@@ -239,6 +246,7 @@ class ExpertParallel:
         training does for dense weights (scale 1/W, summed over the world)."""
         if not self.is_distributed:
             return experts.forward_one(x, 0)
+        _set_grad_copies(experts, self.world_size)  # every worker holds the same base-expert gradient
         params = [_ExpertGrad.apply(getattr(experts, n), 1.0 / self.world_size, None, True) for n in EXPERT_PARAM_NAMES]
         return experts.expert_forward(x, *(t[0] for t in params))
 
@@ -248,6 +256,7 @@ class ExpertParallel:
         """Keep only this worker's experts of an ExpertFFNs built with all E experts (so that the
         initial weights, and the random stream after them, equal a single-process build), and
         install the hooks that save all E experts and load the local ones (expert_checkpoint)."""
+        from . import expert_optimizer
         from .expert_checkpoint import install_expert_hooks
 
         if self.is_distributed:
@@ -260,10 +269,14 @@ class ExpertParallel:
                     for attr, value in vars(old).items():  # keep any tags
                         setattr(new, attr, value)
                     # fairseq's legacy_ddp skips `p.expert` parameters in its all-reduce (they differ per
-                    # worker); its clip_grad_norm_ also leaves them out of the norm (see docs/distributed.md)
+                    # worker); the gradient norm and the optimizer state use the placement
+                    # (moe/expert_optimizer.py)
                     new.expert = True
+                    new.expert_parallel = self
+                    new.expert_grad_copies = self.num_replicas
                     setattr(experts, n, new)
             experts.num_experts = self.num_local_experts
+            expert_optimizer.install()
         install_expert_hooks(experts, self)
         return experts
 

@@ -16,12 +16,11 @@ the final validation loss, the updates needed to reach the Switch baseline's fin
 (linear interpolation between validations; per seed against that seed's Switch run), training
 wall-clock, and the mean number of experts per token over training.
 
-Default: 7 gates x 3 seeds x 2 tasks, tiny models, 200 updates of 1,536 tokens: estimated at about
-2 hours on 2 otherwise idle CPU cores (one Switch LM run of 300 updates x 2,048 tokens measured
-7.6 minutes (411 s training, 47 s evaluation) on 2 cores shared with other jobs, load ~3.5).
+Default: 7 gates x 3 seeds x 2 tasks, tiny models, 200 updates of 1,536 tokens: measured 54 minutes
+on a 2-core CPU machine with --jobs 2 (two runs at a time, 1 thread each).
 Runs are resumable: a finished run (its result.json) is not trained again.
 
-  python scripts/compare_gates.py                                  # the default comparison
+  python scripts/compare_gates.py --jobs 2                         # the default comparison
   python scripts/compare_gates.py --tasks lm --gates switch,evomoe --seeds 1 --updates 20   # smoke
   python scripts/compare_gates.py --gpu --size small --updates 20000 --seeds 1,2,3       # bigger, GPU
 """
@@ -34,7 +33,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -56,7 +57,7 @@ SIZES = {
 
 
 def log(msg):
-    print(msg, flush=True)
+    print(msg + "\n", end="", flush=True)  # one write: lines of concurrent jobs do not interleave
 
 
 def fairseq_tool(name):
@@ -264,6 +265,29 @@ def _ms(values, fmt="{:.2f}"):
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
+def summary_lines(rows, gates, mkey, higher_is_better):
+    """Plain-language reading of one task's table: the ranking, and EvoMoE against Switch."""
+    means = {}
+    for gate in gates:
+        vals = [r[mkey] for r in rows if r["gate"] == gate and r.get(mkey) is not None]
+        if vals:
+            means[gate] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+    if not means:
+        return []
+    ranked = sorted(means, key=lambda g: means[g][0], reverse=higher_is_better)
+    out = ["", "Ranking by the mean over seeds (best first): " + ", ".join(f"{g} {means[g][0]:.2f}" for g in ranked) + "."]
+    if "evomoe" in means and "switch" in means:
+        (e, es, n), (w, ws, _) = means["evomoe"], means["switch"]
+        better = (e > w) if higher_is_better else (e < w)
+        spread = max(es, ws)
+        verdict = "within the seed-to-seed spread" if abs(e - w) <= spread else ("better" if better else "worse")
+        out.append(
+            f"EvoMoE vs Switch: {e:.2f} vs {w:.2f} ({'better' if better else 'worse'} by {abs(e - w):.2f}; "
+            f"largest seed std {spread:.2f}: {verdict}), over {n} seed(s)."
+        )
+    return out
+
+
 def write_report(a, results, cmdline):
     res_path = Path(a.results)
     plot_dir = res_path.parent / (res_path.stem + "_plots")
@@ -283,7 +307,8 @@ def write_report(a, results, cmdline):
         f"- Model size `{a.size}` {SIZES[a.size]} (layers per stack, dim, FFN, heads), {a.experts} experts in every "
         f"other FFN (`--moe-freq 2`), balance-loss weight {a.balance_wt}, Adam (0.9, 0.98), lr {a.lr} inverse_sqrt "
         f"with {max(1, a.updates // 10)} warm-up updates, {a.max_tokens} tokens per update, {a.updates} updates, "
-        f"seeds {', '.join(map(str, a.seeds))}, {'GPU' if a.gpu else 'CPU'}.",
+        f"seeds {', '.join(map(str, a.seeds))}, {'GPU' if a.gpu else 'CPU'}; {a.jobs} run(s) at a time"
+        f"{f', {a.threads} thread(s) each' if a.threads else ''} (train wall-clock is measured under that sharing).",
         f"- Data: {'the first %d training lines/pairs and %d valid/test lines of each corpus' % (a.train_lines, a.eval_lines) if a.train_lines else 'the full corpora'}"
         f"; sentencepiece (unigram, {a.spm_vocab} pieces).",
         f"- LM: WikiText-2, blocks of {a.tokens_per_sample} tokens; perplexity is per subword on the valid split "
@@ -325,7 +350,7 @@ def write_report(a, results, cmdline):
             lines.append(
                 f"| {gate} | {_ms([r[mkey] for r in g])} | {_ms([r['final_valid_loss'] for r in g], '{:.3f}')} | {reach_s} | "
                 f"{_ms([r['train_wall_s'] for r in g], '{:.0f}')} | {_ms([r['experts_per_token'] for r in g])} |")
-        lines.append("")
+        lines += summary_lines(rows, a.gates, mkey, higher_is_better=(task == "mt")) + [""]
         # plots of the first seed of every gate
         first = a.seeds[0]
         runs = {}
@@ -386,7 +411,10 @@ def parse_args(argv=None):
     p.add_argument("--results", default="docs/results.md", help="Markdown report (default docs/results.md); plots "
                    "go to <results stem>_plots/ next to it")
     p.add_argument("--note", default="", help="a remark printed at the top of the report")
-    p.add_argument("--threads", type=int, default=0, help="torch/OMP threads per run (default: all cores)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (default 1); on CPU each "
+                   "gets cores / jobs threads unless --threads is given, and the per-run wall-clock in the report "
+                   "is measured under that sharing")
+    p.add_argument("--threads", type=int, default=0, help="torch/OMP threads per run (default: all cores / --jobs)")
     p.add_argument("--gpu", action="store_true", help="train on the GPU (default: CPU)")
     p.add_argument("--force", action="store_true", help="retrain runs that already have a result")
     p.add_argument("--dry-run", action="store_true", help="print the training commands and exit")
@@ -407,6 +435,8 @@ def parse_args(argv=None):
         p.error("--tasks, --gates and --seeds must each name at least one value")
     if a.updates < 10:
         p.error(f"--updates must be at least 10, got {a.updates}")
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
     if a.validations < 1 or a.max_valid_steps < 1:
         p.error("--validations and --max-valid-steps must be >= 1")
     a.work_dir = Path(a.work_dir).resolve()
@@ -417,6 +447,7 @@ def main(argv=None):
     a = parse_args(argv)
     cmdline = "python scripts/compare_gates.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    a.threads = a.threads or (0 if a.gpu or a.jobs == 1 else max(1, (os.cpu_count() or 1) // a.jobs))
     if a.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
     # the EvoMoE choices go through the gate config's options; override spawn mode / schedule here
@@ -441,17 +472,31 @@ def main(argv=None):
     data = prepare_data(a, env)
     t0 = time.time()
     results, failed, trained = [], [], 0
-    for i, (t, g, s) in enumerate(jobs, 1):
+    lock = threading.Lock()
+
+    def job(i, t, g, s):
+        nonlocal trained
         t_run = time.time()
         try:
-            results.append(run_one(a, t, g, s, data[t], env, i, len(jobs)))
+            res = run_one(a, t, g, s, data[t], env, i, len(jobs))
         except RuntimeError as e:
-            failed.append(f"{t} {g} seed {s}")
+            res = None
             log(f"[{i}/{len(jobs)}] {t} {g} seed {s}: FAILED: {e}")
-        if time.time() - t_run > 1:  # trained now (not a run finished earlier)
-            trained += 1
-            done = time.time() - t0
-            log(f"    elapsed {done / 60:.1f} min, about {done / trained * (len(jobs) - i) / 60:.1f} min left")
+        with lock:
+            if res is None:
+                failed.append(f"{t} {g} seed {s}")
+            else:
+                results.append(res)
+            if time.time() - t_run > 1:  # trained now (not a run finished earlier)
+                trained += 1
+                done = time.time() - t0
+                left = len(jobs) - len(results) - len(failed)
+                log(f"    elapsed {done / 60:.1f} min, about {done / trained * left / 60:.1f} min left")
+
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # each job waits on its own subprocess
+        list(pool.map(lambda j: job(*j), [(i, *tgs) for i, tgs in enumerate(jobs, 1)]))
+    order = {tgs: i for i, tgs in enumerate(jobs)}
+    results.sort(key=lambda r: order[(r["task"], r["gate"], r["seed"])])
     report = write_report(a, results, cmdline)
     log(f"report: {report}")
     log(f"runs, logs and checkpoints: {a.work_dir}")

@@ -121,7 +121,7 @@ def comparison(tmp_path_factory):
     work = tmp_path_factory.mktemp("compare")
     proc = sh("compare_gates.py", "--tasks", "lm", "--gates", "switch,evomoe", "--seeds", "1", "--updates", 12,
               "--train-lines", 300, "--eval-lines", 40, "--spm-vocab", 500, "--max-tokens", 512,
-              "--validations", 3, "--max-valid-steps", 2, "--work-dir", work, "--results", work / "results.md",
+              "--validations", 3, "--max-valid-steps", 2, "--work-dir", work, "--results", work / "results.md", "--jobs", 2,
               timeout=600)
     return work, proc
 
@@ -144,6 +144,7 @@ def test_compare_gates_minimal(comparison):
                "--train-lines", 300, "--eval-lines", 40, "--spm-vocab", 500, "--max-tokens", 512,
                "--validations", 3, "--max-valid-steps", 2, "--work-dir", work, "--results", work / "results2.md")
     assert again.stdout.count("done earlier") == 2
+    assert f"2 run(s) at a time, {max(1, (os.cpu_count() or 1) // 2)} thread(s) each" in report  # --jobs 2
 
 
 def test_plot_routing_on_real_log(comparison, tmp_path):

@@ -66,10 +66,17 @@ class EinsumMoE(nn.Module):
         return torch.einsum("sec,ecm->sm", combine, h)
 
 
-def index_moe(dim, ffn, experts, capacity_factor):
+class GroupedMmExperts(ExpertFFNs):
+    """The experts through torch's grouped_mm on every device (--compare-grouped-mm)."""
+
+    def forward(self, x, counts):
+        return self.grouped_forward(x, counts)
+
+
+def index_moe(dim, ffn, experts, capacity_factor, experts_cls=ExpertFFNs):
     args = Namespace(moe_router_jitter=0.0)
     gate = Top1Gate(dim, experts, args)
-    return MoELayer(gate, ExpertFFNs(experts, dim, ffn, F.relu), capacity_factor=capacity_factor)
+    return MoELayer(gate, experts_cls(experts, dim, ffn, F.relu), capacity_factor=capacity_factor)
 
 
 def saved_bytes(module, x):
@@ -122,6 +129,8 @@ def bench(E, S, args, device, dtype):
         "index": index_moe(dim, ffn, E, args.capacity_factor),
         "einsum": EinsumMoE(dim, ffn, E, args.capacity_factor),
     }
+    if args.compare_grouped_mm:
+        models["grouped_mm"] = index_moe(dim, ffn, E, args.capacity_factor, GroupedMmExperts)
     for m in models.values():
         m.to(device=device, dtype=dtype).train()
     times = {k: [] for k in models}
@@ -152,6 +161,9 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--quick", action="store_true", help="E in {4, 64}, 4096 tokens, 3 reps")
+    p.add_argument("--compare-grouped-mm", action="store_true",
+                   help="also time the index MoE with its experts through torch's grouped_mm (the CPU default is "
+                   "the per-group path of moe/experts.py) and print the ratio")
     args = p.parse_args()
     if args.quick:
         args.experts, args.tokens, args.reps = [4, 64], [4096], 3
@@ -172,7 +184,9 @@ def main():
             tps = {k: S / v for k, v in med.items()}
             print(f"| {E} | {S} | {S // E} | {tps['dense']:,.0f} | {tps['index']:,.0f} | {tps['index'] / tps['dense']:.2f}x "
                   f"| {tps['einsum']:,.0f} | {tps['index'] / tps['einsum']:.1f}x | {100 * dropped:.1f}% "
-                  f"| {mem['dense']:.0f} / {mem['index']:.0f} / {mem['einsum']:.0f} |", flush=True)
+                  f"| {mem['dense']:.0f} / {mem['index']:.0f} / {mem['einsum']:.0f} |"
+                  + (f" index / grouped_mm index {tps['index'] / tps['grouped_mm']:.2f}x |" if "grouped_mm" in tps else ""),
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ one tensor per projection (fc1_weight: [E, F, M], like nn.Linear's [out, in]), s
 sees four parameters per layer whatever E is, and a checkpoint stores them compactly.
 
 The parameters are tagged `p.expert` only under expert parallelism (moe/parallel.py): fairseq's
-data-parallel wrappers then leave them out of the all-reduce, and its `clip_grad_norm_` leaves them
-out of the norm. In one process they are ordinary parameters and count in the gradient norm.
+data-parallel wrappers then leave them out of the all-reduce, and the gradient norm counts each
+expert once across workers (moe/expert_optimizer.py). In one process they are ordinary parameters.
 
 The expert-sorted tokens form contiguous groups, one per expert. Three ways to compute them:
 

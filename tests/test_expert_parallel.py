@@ -1,4 +1,4 @@
-"""Expert parallelism over torch.distributed (gloo, CPU, 2 processes).
+"""Expert parallelism over torch.distributed (gloo, CPU, 2 processes; 4 for the placements of W = 4).
 
 (a) the all_to_all MoE layer equals a single-process layer holding every expert: outputs, input
     gradients, gate gradients (summed over workers) and expert gradients (x W, see moe/parallel.py),
@@ -169,7 +169,7 @@ def _check_optimizer_side(rank, world, num_experts, diversify):
     from fairseq import utils
 
     ref, layer, par = _layer_pair("top1", num_experts, world, rank)
-    xs, gs = _tokens([23, 17], 8, 7)
+    xs, gs = _tokens([23, 17, 0, 12][:world], 8, 7)
     x_all = torch.cat(xs)
     if diversify:  # EvoMoE's base expert: every worker holds a copy (global expert 0)
         par.share_base_expert(layer.experts)
@@ -238,6 +238,35 @@ def _optimizer_worker(rank, world, init_file):
                 raise AssertionError(f"rank {rank}, E={num_experts}, diversify={diversify}: {exc}") from exc
     finally:
         dist.destroy_process_group()
+
+
+def _four_worker(rank, world, init_file):
+    """W = 4: one and two experts per worker, and replicated experts with a block of 2 workers
+    (E = 2: replica groups {0, 2} and {1, 3}), layer and optimizer side."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for gate, e, sizes, seed in [("top1", 4, [13, 9, 0, 11], 1), ("top2", 8, [10, 12, 7, 5], 2),
+                                     ("top1", 2, [9, 14, 6, 8], 3), ("top2", 2, [4, 0, 15, 6], 4)]:
+            try:
+                _check_case(rank, world, gate, e, sizes, seed)
+            except Exception as exc:
+                traceback.print_exc()
+                raise AssertionError(f"rank {rank}, case gate={gate} E={e} tokens={sizes}: {exc}") from exc
+        for num_experts, diversify in ((2, False), (8, False), (2, True)):
+            try:
+                _check_optimizer_side(rank, world, num_experts, diversify)
+            except Exception as exc:
+                traceback.print_exc()
+                raise AssertionError(f"rank {rank}, E={num_experts}, diversify={diversify}: {exc}") from exc
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_on_four_workers():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_four_worker, args=(4, os.path.join(d, "rendezvous")), nprocs=4, join=True)
 
 
 def test_expert_parallel_layer_matches_single_process():

@@ -11,9 +11,8 @@ expert once across workers (moe/expert_optimizer.py). In one process they are or
 The expert-sorted tokens form contiguous groups, one per expert. Three ways to compute them:
 
 - CPU: `_ExpertFFNGroups`, one group at a time with the biases fused into the matmuls and a
-  hand-written backward that writes every expert's gradient into one [E, ...] tensor (measured
-  1.02x / 0.78x / 0.75x a dense FFN's fwd+bwd throughput at E = 4 / 16 / 64, against 0.99x / 0.76x
-  / 0.71x for torch's grouped_mm on the same machine and run; see the README's benchmark).
+  hand-written backward that writes every expert's gradient into one [E, ...] tensor; faster than
+  torch's grouped_mm on CPU in every interleaved A/B we ran (README, Benchmarks).
 - CUDA bf16 on Hopper and newer: torch's grouped matmul (`torch.nn.functional.grouped_mm`), one
   call per projection over all groups.
 - Elsewhere (and with activation dropout on CPU): a loop over the groups with the weights split by
@@ -83,16 +82,25 @@ class _ExpertFFNGroups(torch.autograd.Function):
                 for g in (dw1, dw2, db1, db2):
                     g[e].zero_()
                 continue
-            with torch.enable_grad():
-                pe = pe.detach().requires_grad_(True)
-                he = ctx.act(pe)
-            torch.mm(dye.t(), he.detach(), out=dw2[e])
+            dpe, he = _activation_backward(ctx.act, pe, lambda: dye @ w2[e])
+            torch.mm(dye.t(), he, out=dw2[e])
             torch.sum(dye, 0, out=db2[e])
-            (dpe,) = torch.autograd.grad(he, pe, dye @ w2[e])
+            dpe = dpe()
             torch.mm(dpe.t(), xe, out=dw1[e])
             torch.sum(dpe, 0, out=db1[e])
             torch.mm(dpe, w1[e], out=dxe)
         return dx, dw1, db1, dw2, db2, None, None
+
+
+def _activation_backward(act, pre: Tensor, grad_h):
+    """(a thunk giving d loss / d pre, act(pre)) for one group; `grad_h()` computes d loss / d act(pre).
+    ReLU directly; any other activation through autograd on the group."""
+    if act is F.relu:
+        return (lambda: torch.ops.aten.threshold_backward(grad_h(), pre, 0.0)), torch.relu(pre)
+    with torch.enable_grad():
+        p = pre.detach().requires_grad_(True)
+        h = act(p)
+    return (lambda: torch.autograd.grad(h, p, grad_h())[0]), h.detach()
 
 
 def grouped_mm_supported(x: Tensor) -> bool:

@@ -115,41 +115,77 @@ def _check_case(rank, world, gate, num_experts, sizes, seed):
     torch.testing.assert_close(layer.experts.fc1_weight.detach(), ref.experts.fc1_weight.detach()[experts])
 
 
-def _worker(rank, world, init_file):
+def _check_raw_exchange(rank, world):
+    """all_to_all with uneven and empty splits, forward and backward (2 workers)."""
+    from fairseq_evomoe.moe.parallel import all_to_all
+
+    x = torch.arange(3.0 * (rank + 1)).reshape(-1, 1).requires_grad_(True)  # rank 0: 3 rows, rank 1: 6 rows
+    in_splits = [1, 2] if rank == 0 else [6, 0]
+    out_splits = [1, 6] if rank == 0 else [2, 0]
+    y = all_to_all(x, out_splits, in_splits)
+    (y * (rank + 1)).sum().backward()
+    assert y.shape[0] == sum(out_splits)
+    assert torch.equal(x.grad, torch.tensor([[1.0], [2.0], [2.0]]) if rank == 0 else torch.ones(6, 1))
+
+
+def _check_bad_placement(rank, world):
+    from fairseq_evomoe.moe.parallel import ExpertParallel
+
+    with pytest.raises(ValueError, match=r"--moe-expert-count 3 .*world size of 2"):
+        ExpertParallel.from_environment(3)
+
+
+def _worker(rank, world, init_file, checks):
+    """One spawned worker: runs each (label, check function, *args) with (rank, world) first,
+    naming the rank and the case in a failure."""
     sys.path.insert(0, str(Path(__file__).parent))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from fairseq_evomoe.moe.parallel import ExpertParallel, all_to_all
-
-        # raw exchange with uneven and empty splits, forward and backward
-        x = torch.arange(3.0 * (rank + 1)).reshape(-1, 1).requires_grad_(True)  # rank 0: 3 rows, rank 1: 6 rows
-        in_splits = [1, 2] if rank == 0 else [6, 0]
-        out_splits = [1, 6] if rank == 0 else [2, 0]
-        y = all_to_all(x, out_splits, in_splits)
-        (y * (rank + 1)).sum().backward()
-        assert y.shape[0] == sum(out_splits)
-        assert torch.equal(x.grad, torch.tensor([[1.0], [2.0], [2.0]]) if rank == 0 else torch.ones(6, 1))
-
-        cases = [
-            ("top1", 4, [37, 21], 1),  # 2 experts per worker
-            ("top2", 4, [29, 40], 2),  # top-2: uneven splits, 2 assignments per token
-            ("top2", 2, [16, 24], 3),  # 1 expert per worker
-            ("top1", 1, [11, 7], 4),  # replicated: both workers hold expert 0
-            ("top2", 4, [5, 0], 5),  # worker 1 has no token at all; some experts get none
-            ("top1", 8, [3, 2], 6),  # most experts get no token
-        ]
-        for gate, e, sizes, seed in cases:
+        for label, check, *args in checks:
             try:
-                _check_case(rank, world, gate, e, sizes, seed)
-            except Exception as exc:  # name the case and the rank in the failure
+                check(rank, world, *args)
+            except Exception as exc:
                 traceback.print_exc()
-                raise AssertionError(f"rank {rank}, case gate={gate} E={e} tokens={sizes}: {exc}") from exc
-
-        with pytest.raises(ValueError, match=r"--moe-expert-count 3 .*world size of 2"):
-            ExpertParallel.from_environment(3)
+                raise AssertionError(f"rank {rank}, {label}: {exc}") from exc
     finally:
         dist.destroy_process_group()
+
+
+def _spawn(world, checks):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, os.path.join(d, "rendezvous"), checks), nprocs=world, join=True)
+
+
+def _layer_cases(cases):
+    return [(f"case gate={g} E={e} tokens={sizes}", _check_case, g, e, sizes, seed) for g, e, sizes, seed in cases]
+
+
+def _optimizer_cases(cases):
+    return [(f"E={e}, diversify={div}", _check_optimizer_side, e, div) for e, div in cases]
+
+
+def test_expert_parallel_layer_matches_single_process():
+    _spawn(WORLD, [("raw exchange", _check_raw_exchange)] + _layer_cases([
+        ("top1", 4, [37, 21], 1),  # 2 experts per worker
+        ("top2", 4, [29, 40], 2),  # top-2: uneven splits, 2 assignments per token
+        ("top2", 2, [16, 24], 3),  # 1 expert per worker
+        ("top1", 1, [11, 7], 4),  # replicated: both workers hold expert 0
+        ("top2", 4, [5, 0], 5),  # worker 1 has no token at all; some experts get none
+        ("top1", 8, [3, 2], 6),  # most experts get no token
+    ]) + [("E=3 on 2 workers", _check_bad_placement)])
+
+
+def test_expert_parallel_gradient_norm_and_optimizer_state():
+    _spawn(WORLD, _optimizer_cases([(4, False), (1, False), (4, True)]))
+
+
+def test_expert_parallel_on_four_workers():
+    """W = 4: one and two experts per worker, and replicated experts with a block of 2 workers
+    (E = 2: replica groups {0, 2} and {1, 3}), layer and optimizer side."""
+    _spawn(4, _layer_cases([("top1", 4, [13, 9, 0, 11], 1), ("top2", 8, [10, 12, 7, 5], 2),
+                            ("top1", 2, [9, 14, 6, 8], 3), ("top2", 2, [4, 0, 15, 6], 4)])
+           + _optimizer_cases([(2, False), (8, False), (2, True)]))
 
 
 def _as_after_fairseq_all_reduce(layer, ref, world):
@@ -223,60 +259,6 @@ def _check_optimizer_side(rank, world, num_experts, diversify):
     opt_full.step()
     torch.testing.assert_close(layer.experts.fc1_weight.detach(), ref.experts.fc1_weight.detach()[local], atol=1e-6, rtol=1e-5)
     assert resumed.state[layer.experts.fc1_weight]["exp_avg_sq"].shape[0] == par.num_local_experts
-
-
-def _optimizer_worker(rank, world, init_file):
-    sys.path.insert(0, str(Path(__file__).parent))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        for num_experts, diversify in ((4, False), (1, False), (4, True)):
-            try:
-                _check_optimizer_side(rank, world, num_experts, diversify)
-            except Exception as exc:
-                traceback.print_exc()
-                raise AssertionError(f"rank {rank}, E={num_experts}, diversify={diversify}: {exc}") from exc
-    finally:
-        dist.destroy_process_group()
-
-
-def _four_worker(rank, world, init_file):
-    """W = 4: one and two experts per worker, and replicated experts with a block of 2 workers
-    (E = 2: replica groups {0, 2} and {1, 3}), layer and optimizer side."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        for gate, e, sizes, seed in [("top1", 4, [13, 9, 0, 11], 1), ("top2", 8, [10, 12, 7, 5], 2),
-                                     ("top1", 2, [9, 14, 6, 8], 3), ("top2", 2, [4, 0, 15, 6], 4)]:
-            try:
-                _check_case(rank, world, gate, e, sizes, seed)
-            except Exception as exc:
-                traceback.print_exc()
-                raise AssertionError(f"rank {rank}, case gate={gate} E={e} tokens={sizes}: {exc}") from exc
-        for num_experts, diversify in ((2, False), (8, False), (2, True)):
-            try:
-                _check_optimizer_side(rank, world, num_experts, diversify)
-            except Exception as exc:
-                traceback.print_exc()
-                raise AssertionError(f"rank {rank}, E={num_experts}, diversify={diversify}: {exc}") from exc
-    finally:
-        dist.destroy_process_group()
-
-
-def test_expert_parallel_on_four_workers():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_four_worker, args=(4, os.path.join(d, "rendezvous")), nprocs=4, join=True)
-
-
-def test_expert_parallel_layer_matches_single_process():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(WORLD, os.path.join(d, "rendezvous")), nprocs=WORLD, join=True)
-
-
-def test_expert_parallel_gradient_norm_and_optimizer_state():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_optimizer_worker, args=(WORLD, os.path.join(d, "rendezvous")), nprocs=WORLD, join=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -471,11 +471,11 @@ def main(argv=None):
     a.work_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(a, env)
     t0 = time.time()
-    results, failed, trained = [], [], 0
+    failed, trained, finished = [], 0, 0
     lock = threading.Lock()
 
     def job(i, t, g, s):
-        nonlocal trained
+        nonlocal trained, finished
         t_run = time.time()
         try:
             res = run_one(a, t, g, s, data[t], env, i, len(jobs))
@@ -483,20 +483,17 @@ def main(argv=None):
             res = None
             log(f"[{i}/{len(jobs)}] {t} {g} seed {s}: FAILED: {e}")
         with lock:
+            finished += 1
             if res is None:
                 failed.append(f"{t} {g} seed {s}")
-            else:
-                results.append(res)
             if time.time() - t_run > 1:  # trained now (not a run finished earlier)
                 trained += 1
                 done = time.time() - t0
-                left = len(jobs) - len(results) - len(failed)
-                log(f"    elapsed {done / 60:.1f} min, about {done / trained * left / 60:.1f} min left")
+                log(f"    elapsed {done / 60:.1f} min, about {done / trained * (len(jobs) - finished) / 60:.1f} min left")
+        return res
 
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:  # each job waits on its own subprocess
-        list(pool.map(lambda j: job(*j), [(i, *tgs) for i, tgs in enumerate(jobs, 1)]))
-    order = {tgs: i for i, tgs in enumerate(jobs)}
-    results.sort(key=lambda r: order[(r["task"], r["gate"], r["seed"])])
+        results = [r for r in pool.map(lambda j: job(*j), [(i, *tgs) for i, tgs in enumerate(jobs, 1)]) if r is not None]
     report = write_report(a, results, cmdline)
     log(f"report: {report}")
     log(f"runs, logs and checkpoints: {a.work_dir}")

@@ -13,9 +13,10 @@ The expert-sorted tokens form contiguous groups, one per expert. Three ways to c
 - CPU: `_ExpertFFNGroups`, one group at a time with the biases fused into the matmuls and a
   hand-written backward that writes every expert's gradient into one [E, ...] tensor; faster than
   torch's grouped_mm on CPU in every interleaved A/B we ran (README, Benchmarks).
-- CUDA bf16 on Hopper and newer: torch's grouped matmul (`torch.nn.functional.grouped_mm`), one
-  call per projection over all groups.
-- Elsewhere (and with activation dropout on CPU): a loop over the groups with the weights split by
+- CUDA bf16 on Hopper and newer, and CPU with activation dropout (the per-group path has no
+  dropout): torch's grouped matmul (`torch.nn.functional.grouped_mm`), one call per projection over
+  all groups.
+- Elsewhere: a loop over the groups with the weights split by
   `unbind`, whose backward stacks the per-expert gradients into one tensor; indexing `W[e]` per
   expert would instead allocate and add a full-size gradient for every expert (E times the memory
   traffic).
@@ -82,30 +83,30 @@ class _ExpertFFNGroups(torch.autograd.Function):
                 for g in (dw1, dw2, db1, db2):
                     g[e].zero_()
                 continue
-            dpe, he = _activation_backward(ctx.act, pe, lambda: dye @ w2[e])
+            he, activation_grad = _activation_with_grad(ctx.act, pe)
             torch.mm(dye.t(), he, out=dw2[e])
             torch.sum(dye, 0, out=db2[e])
-            dpe = dpe()
+            dpe = activation_grad(dye @ w2[e])
             torch.mm(dpe.t(), xe, out=dw1[e])
             torch.sum(dpe, 0, out=db1[e])
             torch.mm(dpe, w1[e], out=dxe)
         return dx, dw1, db1, dw2, db2, None, None
 
 
-def _activation_backward(act, pre: Tensor, grad_h):
-    """(a thunk giving d loss / d pre, act(pre)) for one group; `grad_h()` computes d loss / d act(pre).
-    ReLU directly; any other activation through autograd on the group."""
+def _activation_with_grad(act, pre: Tensor):
+    """act(pre) for one group, and the map from d loss / d act(pre) to d loss / d pre: ReLU's
+    directly, any other activation's through autograd on the group."""
     if act is F.relu:
-        return (lambda: torch.ops.aten.threshold_backward(grad_h(), pre, 0.0)), torch.relu(pre)
+        return torch.relu(pre), lambda grad_h: torch.ops.aten.threshold_backward(grad_h, pre, 0.0)
     with torch.enable_grad():
         p = pre.detach().requires_grad_(True)
         h = act(p)
-    return (lambda: torch.autograd.grad(h, p, grad_h())[0]), h.detach()
+    return h.detach(), lambda grad_h: torch.autograd.grad(h, p, grad_h)[0]
 
 
 def grouped_mm_supported(x: Tensor) -> bool:
     """torch.nn.functional.grouped_mm (torch >= 2.9) on this device and dtype: CPU, or CUDA with bf16
-    on Hopper and newer; elsewhere the per-expert loop below is used."""
+    on Hopper and newer; elsewhere the per-expert loop of ExpertFFNs.forward is used."""
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cpu":

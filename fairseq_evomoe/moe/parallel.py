@@ -273,7 +273,6 @@ class ExpertParallel:
                     # (moe/expert_optimizer.py)
                     new.expert = True
                     new.expert_parallel = self
-                    new.expert_grad_copies = self.num_replicas
                     setattr(experts, n, new)
             experts.num_experts = self.num_local_experts
             expert_optimizer.install()

@@ -67,10 +67,22 @@ class EinsumMoE(nn.Module):
 
 
 class GroupedMmExperts(ExpertFFNs):
-    """The experts through torch's grouped_mm on every device (--compare-grouped-mm)."""
+    """The experts through torch's grouped_mm on every device (--compare grouped_mm)."""
 
     def forward(self, x, counts):
         return self.grouped_forward(x, counts)
+
+
+class FreshGradExperts(ExpertFFNs):
+    """The CPU experts with new weight-gradient memory every backward (--compare fresh_grads)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grad_storage = None
+
+
+# alternative expert implementations the index MoE can be timed with, against the default
+VARIANTS = {"grouped_mm": GroupedMmExperts, "fresh_grads": FreshGradExperts}
 
 
 def index_moe(dim, ffn, experts, capacity_factor, experts_cls=ExpertFFNs):
@@ -129,8 +141,8 @@ def bench(E, S, args, device, dtype):
         "index": index_moe(dim, ffn, E, args.capacity_factor),
         "einsum": EinsumMoE(dim, ffn, E, args.capacity_factor),
     }
-    if args.compare_grouped_mm:
-        models["grouped_mm"] = index_moe(dim, ffn, E, args.capacity_factor, GroupedMmExperts)
+    for name in args.compare:
+        models[name] = index_moe(dim, ffn, E, args.capacity_factor, VARIANTS[name])
     for m in models.values():
         m.to(device=device, dtype=dtype).train()
     times = {k: [] for k in models}
@@ -161,9 +173,10 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--quick", action="store_true", help="E in {4, 64}, 4096 tokens, 3 reps")
-    p.add_argument("--compare-grouped-mm", action="store_true",
-                   help="also time the index MoE with its experts through torch's grouped_mm (the CPU default is "
-                   "the per-group path of moe/experts.py) and print the ratio")
+    p.add_argument("--compare", nargs="+", default=[], choices=sorted(VARIANTS),
+                   help="also time the index MoE with other expert implementations and print the default's speed "
+                   "relative to each: grouped_mm = torch's grouped matmul (the CPU default is the per-group path of "
+                   "moe/experts.py); fresh_grads = new weight-gradient memory every step (the default reuses it)")
     args = p.parse_args()
     if args.quick:
         args.experts, args.tokens, args.reps = [4, 64], [4096], 3
@@ -185,7 +198,7 @@ def main():
             print(f"| {E} | {S} | {S // E} | {tps['dense']:,.0f} | {tps['index']:,.0f} | {tps['index'] / tps['dense']:.2f}x "
                   f"| {tps['einsum']:,.0f} | {tps['index'] / tps['einsum']:.1f}x | {100 * dropped:.1f}% "
                   f"| {mem['dense']:.0f} / {mem['index']:.0f} / {mem['einsum']:.0f} |"
-                  + (f" index / grouped_mm index {tps['index'] / tps['grouped_mm']:.2f}x |" if "grouped_mm" in tps else ""),
+                  + "".join(f" index / {name} index {tps['index'] / tps[name]:.2f}x |" for name in args.compare),
                   flush=True)
 
 

@@ -209,3 +209,55 @@ def test_expert_group_paths_agree(activation):
         for a, b in zip(run(fn), want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
     assert want[3][1].abs().sum() == 0  # fc1_bias of the expert without rows: zero gradient
+
+
+def test_expert_weight_gradients_reuse_memory_only_when_free():
+    """The CPU experts hand out the same weight-gradient memory again once nothing holds it (fairseq's
+    zero_grad frees p.grad every step); a gradient someone still holds is never overwritten, and
+    gradient accumulation still sums."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fairseq_evomoe.moe.experts import ExpertFFNs
+
+    torch.manual_seed(0)
+    experts = ExpertFFNs(3, 8, 16, F.relu)
+    counts = [2, 3, 1]
+    xs = [torch.randn(sum(counts), 8) for _ in range(3)]
+
+    def grads_of(x):  # the expected fc1/fc2 weight gradients of sum(experts(x)), from a fresh copy
+        fresh = copy.deepcopy(experts)
+        fresh.zero_grad(set_to_none=True)
+        fresh(x, counts).sum().backward()
+        return fresh.fc1_weight.grad.clone(), fresh.fc2_weight.grad.clone()
+
+    def step(x):
+        experts(x, counts).sum().backward()
+        return experts.fc1_weight.grad, experts.fc2_weight.grad
+
+    first = step(xs[0])
+    first_ptrs = [g.data_ptr() for g in first]
+    del first
+    experts.zero_grad(set_to_none=True)
+    second = step(xs[1])
+    assert [g.data_ptr() for g in second] == first_ptrs  # freed by zero_grad, so reused
+    assert second[0].data_ptr() == experts.grad_storage._kept["fc1_weight"].data_ptr()
+    for got, want in zip(second, grads_of(xs[1])):
+        torch.testing.assert_close(got, want)
+
+    held = [g.clone() for g in second]  # the caller keeps the gradients of step 2 ...
+    kept = list(second)
+    experts.zero_grad(set_to_none=True)
+    third = step(xs[2])
+    assert [g.data_ptr() for g in third] != first_ptrs  # ... so step 3 gets new memory
+    for got, want in zip(kept, held):
+        torch.testing.assert_close(got, want)  # and step 2's gradients are untouched
+    for got, want in zip(third, grads_of(xs[2])):
+        torch.testing.assert_close(got, want)
+
+    # gradient accumulation: a second backward without zero_grad adds to p.grad
+    summed = step(xs[0])
+    for got, a, b in zip(summed, grads_of(xs[2]), grads_of(xs[0])):
+        torch.testing.assert_close(got, a + b)
+    assert not copy.deepcopy(experts).grad_storage._kept  # a copy of the module starts empty

@@ -168,3 +168,18 @@ def test_plot_routing_on_real_log(comparison, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
     bad = sh("plot_routing.py", "--run", f"x={tmp_path / 'nope.log'}", "--out-dir", tmp_path, check=False)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+# ----------------------------------------------------------------------------------- benchmarks
+
+def test_bench_moe_layer_prints_a_row_per_setting():
+    """The layer benchmark at toy sizes: one table row per (E, tokens) with the ratio columns and one
+    ratio per compared expert variant (the real sizes take minutes; the numbers are not checked)."""
+    proc = sh("bench_moe_layer.py", "--dim", 16, "--ffn", 32, "--experts", 2, 4, "--tokens", 64,
+              "--reps", 1, "--threads", 1, "--compare", "grouped_mm", "fresh_grads")
+    rows = [l for l in proc.stdout.splitlines() if l.startswith("| ") and l[2].isdigit()]
+    assert [r.split("|")[1:3] for r in rows] == [[" 2 ", " 64 "], [" 4 ", " 64 "]]
+    for row in rows:
+        assert "index / grouped_mm index" in row and "index / fresh_grads index" in row
+    bad = sh("bench_moe_layer.py", "--compare", "bogus", check=False)
+    assert bad.returncode == 2 and "--compare" in bad.stderr and "fresh_grads" in bad.stderr

@@ -11,8 +11,9 @@ expert once across workers (moe/expert_optimizer.py). In one process they are or
 The expert-sorted tokens form contiguous groups, one per expert. Three ways to compute them:
 
 - CPU: `_ExpertFFNGroups`, one group at a time with the biases fused into the matmuls and a
-  hand-written backward that writes every expert's gradient into one [E, ...] tensor; faster than
-  torch's grouped_mm on CPU in every interleaved A/B we ran (README, Benchmarks).
+  hand-written backward that writes every expert's gradient into one [E, ...] tensor, whose memory
+  it reuses from step to step (`ReusableGradStorage`); faster than torch's grouped_mm on CPU in
+  every interleaved A/B we ran (README, Benchmarks).
 - CUDA bf16 on Hopper and newer, and CPU with activation dropout (the per-group path has no
   dropout): torch's grouped matmul (`torch.nn.functional.grouped_mm`), one call per projection over
   all groups.
@@ -47,6 +48,52 @@ class _AddGroupBias(torch.autograd.Function):
         return grad, grad_bias, None, None
 
 
+class ReusableGradStorage:
+    """Reuses the memory of the experts' weight gradients from one backward to the next (CPU).
+
+    An expert weight gradient is E times a dense layer's, and fairseq frees it after every step
+    (`zero_grad` sets `p.grad = None`). glibc serves allocations that large with a fresh mmap, so
+    every backward faulted in and zeroed all of those pages again: about 12% of a step at 16 experts
+    and 4,096 tokens (README, Benchmarks). This keeps the last storage handed out and hands it out
+    again only when nothing else refers to it any more, the same test torch's autograd applies
+    before it accumulates into a gradient in place; a gradient still held anywhere (as `p.grad`
+    during gradient accumulation, or kept by the caller) is never written to. The price is that the
+    memory stays allocated between steps instead of only during them.
+
+    Owned by one ExpertFFNs module; copies of the module start empty.
+    """
+
+    def __init__(self):
+        self._kept: dict = {}
+
+    def new_like(self, name: str, like: Tensor) -> Tensor:
+        kept = self._kept.get(name)
+        if (
+            kept is not None
+            and kept.shape == like.shape
+            and kept.dtype == like.dtype
+            and kept.device == like.device
+            and self._only_holder(kept)
+        ):
+            return kept.detach()  # a new tensor on the same storage, so that autograd can adopt it
+        self._kept[name] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return self._kept[name].detach()
+
+    @staticmethod
+    def _only_holder(t: Tensor) -> bool:
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        if use_count is None:  # a torch without the counter: never reuse
+            return False
+        storage = t.untyped_storage()  # this Python handle counts as one holder, `t` as the other
+        return use_count(storage._cdata) <= 2
+
+    def __deepcopy__(self, memo):
+        return ReusableGradStorage()
+
+    def __getstate__(self):
+        return {"_kept": {}}
+
+
 class _ExpertFFNGroups(torch.autograd.Function):
     """Every expert's FFN on its contiguous group of rows, one group at a time (CPU).
 
@@ -60,7 +107,7 @@ class _ExpertFFNGroups(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, counts: List[int], act):
+    def forward(ctx, x, w1, b1, w2, b2, counts: List[int], act, grad_storage: Optional[ReusableGradStorage]):
         pre = x.new_empty(x.shape[0], w1.shape[1])
         y = x.new_empty(x.shape[0], w2.shape[1])
         for e, (xe, pe, ye) in enumerate(zip(x.split(counts), pre.split(counts), y.split(counts))):
@@ -68,14 +115,17 @@ class _ExpertFFNGroups(torch.autograd.Function):
                 torch.addmm(b1[e], xe, w1[e].t(), out=pe)
                 torch.addmm(b2[e], act(pe), w2[e].t(), out=ye)
         ctx.save_for_backward(x, w1, w2, pre)
-        ctx.counts, ctx.act = counts, act
+        ctx.counts, ctx.act, ctx.grad_storage = counts, act, grad_storage
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, w1, w2, pre = ctx.saved_tensors
         dx = torch.empty_like(x)
-        dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+        if ctx.grad_storage is not None:
+            dw1, dw2 = ctx.grad_storage.new_like("fc1_weight", w1), ctx.grad_storage.new_like("fc2_weight", w2)
+        else:
+            dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
         db1, db2 = w1.new_empty(w1.shape[:2]), w2.new_empty(w2.shape[:2])
         groups = zip(x.split(ctx.counts), pre.split(ctx.counts), dy.split(ctx.counts), dx.split(ctx.counts))
         for e, (xe, pe, dye, dxe) in enumerate(groups):
@@ -90,7 +140,7 @@ class _ExpertFFNGroups(torch.autograd.Function):
             torch.mm(dpe.t(), xe, out=dw1[e])
             torch.sum(dpe, 0, out=db1[e])
             torch.mm(dpe, w1[e], out=dxe)
-        return dx, dw1, db1, dw2, db2, None, None
+        return dx, dw1, db1, dw2, db2, None, None, None
 
 
 def _activation_with_grad(act, pre: Tensor):
@@ -133,6 +183,7 @@ class ExpertFFNs(nn.Module):
         self.fc1_bias = nn.Parameter(torch.empty(num_experts, ffn_dim))
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, model_dim, ffn_dim))
         self.fc2_bias = nn.Parameter(torch.empty(num_experts, model_dim))
+        self.grad_storage = ReusableGradStorage()
         self.reset_parameters()
 
     def reset_parameters(self, std: Optional[float] = None, generator: Optional[torch.Generator] = None):
@@ -163,7 +214,8 @@ class ExpertFFNs(nn.Module):
             return x + 0.0 * sum(p.sum() for p in self.parameters()).to(x.dtype)
         if x.device.type == "cpu" and not (self.training and self.activation_dropout > 0):
             return _ExpertFFNGroups.apply(
-                x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, counts, self.activation_fn
+                x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, counts, self.activation_fn,
+                self.grad_storage,
             )
         if grouped_mm_supported(x):
             return self.grouped_forward(x, counts)

@@ -24,7 +24,7 @@ The expert-sorted tokens form contiguous groups, one per expert. Three ways to c
 """
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -206,33 +206,35 @@ class ExpertFFNs(nn.Module):
         h = F.dropout(h, p=self.activation_dropout, training=self.training)
         return F.linear(h, w2, b2)
 
-    def forward(self, x: Tensor, counts: List[int]) -> Tensor:
-        """x: [sum(counts), M] tokens grouped by expert (counts[e] rows for expert e)."""
+    def forward(self, x: Tensor, counts: List[int], params: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """x: [sum(counts), M] tokens grouped by expert (counts[e] rows for expert e).
+
+        params: (fc1_weight, fc1_bias, fc2_weight, fc2_bias) to use instead of the module's own, as
+        expert parallelism passes them (the same tensors behind an identity with a custom backward)."""
         assert len(counts) == self.num_experts, (len(counts), self.num_experts)
+        w1, b1, w2, b2 = params if params is not None else (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
         if x.shape[0] == 0:
             # keep every parameter in the graph so that gradients exist (zeros)
-            return x + 0.0 * sum(p.sum() for p in self.parameters()).to(x.dtype)
+            return x + 0.0 * sum(p.sum() for p in (w1, b1, w2, b2)).to(x.dtype)
         if x.device.type == "cpu" and not (self.training and self.activation_dropout > 0):
-            return _ExpertFFNGroups.apply(
-                x, self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias, counts, self.activation_fn,
-                self.grad_storage,
-            )
+            return _ExpertFFNGroups.apply(x, w1, b1, w2, b2, counts, self.activation_fn, self.grad_storage)
         if grouped_mm_supported(x):
-            return self.grouped_forward(x, counts)
-        params = zip(self.fc1_weight.unbind(0), self.fc1_bias.unbind(0), self.fc2_weight.unbind(0), self.fc2_bias.unbind(0))
+            return self.grouped_forward(x, counts, (w1, b1, w2, b2))
+        params = zip(w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0))
         outs = [self.expert_forward(xe, *p) for xe, p in zip(x.split(counts), params) if xe.shape[0] > 0]
         return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 
-    def grouped_forward(self, x: Tensor, counts: List[int]) -> Tensor:
+    def grouped_forward(self, x: Tensor, counts: List[int], params: Optional[Sequence[Tensor]] = None) -> Tensor:
         """Both projections as single grouped matmuls over contiguous groups (torch's grouped_mm)."""
+        w1, b1, w2, b2 = params if params is not None else (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
         sizes = torch.tensor(counts, device=x.device)
         offsets = torch.cumsum(sizes, 0).to(torch.int32)
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), sizes)
-        h = F.grouped_mm(x, self.fc1_weight.transpose(1, 2), offs=offsets)
-        h = _AddGroupBias.apply(h, self.fc1_bias, expert_of_row, counts)
+        h = F.grouped_mm(x, w1.transpose(1, 2), offs=offsets)
+        h = _AddGroupBias.apply(h, b1, expert_of_row, counts)
         h = F.dropout(self.activation_fn(h), p=self.activation_dropout, training=self.training)
-        y = F.grouped_mm(h, self.fc2_weight.transpose(1, 2), offs=offsets)
-        return _AddGroupBias.apply(y, self.fc2_bias, expert_of_row, counts)
+        y = F.grouped_mm(h, w2.transpose(1, 2), offs=offsets)
+        return _AddGroupBias.apply(y, b2, expert_of_row, counts)
 
     def forward_one(self, x: Tensor, expert: int) -> Tensor:
         """One expert on all of x (the dense FFN of the expert-diversify phase, and tests)."""

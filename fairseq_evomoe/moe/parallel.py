@@ -215,17 +215,14 @@ class ExpertParallel:
         return all_to_all(y, in_splits, out_splits, self.group)
 
     def local_forward(self, experts, x: Tensor, counts: Sequence[int]) -> Tensor:
-        """The local experts on their groups of x. Every expert runs (possibly on 0 rows), so the
-        autograd graph, and with it the order of collectives in backward, is the same on all ranks."""
+        """The local experts on their groups of x, on the same compute path as in one process. All
+        their parameters enter the autograd graph even when a group (or x) has no rows, so the graph,
+        and with it the order of collectives in backward, is the same on all ranks."""
         reduce = self.num_replicas > 1
         scale = 1.0 / self.world_size
         _set_grad_copies(experts, self.num_replicas)
         params = [_ExpertGrad.apply(getattr(experts, n), scale, self.replica_group, reduce) for n in EXPERT_PARAM_NAMES]
-        outs = [
-            experts.expert_forward(xe, *p)
-            for xe, p in zip(x.split(list(counts)), zip(*(t.unbind(0) for t in params)))
-        ]
-        return torch.cat(outs, dim=0)
+        return experts(x, list(counts), params=params)
 
     # -- expert-diversify: one base expert, held by every worker ------------------------------
 

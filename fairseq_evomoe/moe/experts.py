@@ -24,7 +24,7 @@ The expert-sorted tokens form contiguous groups, one per expert. Three ways to c
 """
 
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,8 +53,8 @@ class ReusableGradStorage:
 
     An expert weight gradient is E times a dense layer's, and fairseq frees it after every step
     (`zero_grad` sets `p.grad = None`). glibc serves allocations that large with a fresh mmap, so
-    every backward faulted in and zeroed all of those pages again: about 12% of a step at 16 experts
-    and 4,096 tokens (README, Benchmarks). This keeps the last storage handed out and hands it out
+    every backward faulted in and zeroed all of those pages again: 13-22% of the time of a step at 16
+    experts and 4,096 tokens (README, Benchmarks). This keeps the last storage handed out and hands it out
     again only when nothing else refers to it any more, the same test torch's autograd applies
     before it accumulates into a gradient in place; a gradient still held anywhere (as `p.grad`
     during gradient accumulation, or kept by the caller) is never written to. The price is that the
@@ -64,7 +64,7 @@ class ReusableGradStorage:
     """
 
     def __init__(self):
-        self._kept: dict = {}
+        self._kept: Dict[str, Tensor] = {}
 
     def new_like(self, name: str, like: Tensor) -> Tensor:
         kept = self._kept.get(name)
@@ -206,13 +206,16 @@ class ExpertFFNs(nn.Module):
         h = F.dropout(h, p=self.activation_dropout, training=self.training)
         return F.linear(h, w2, b2)
 
+    def _params(self, params: Optional[Sequence[Tensor]]) -> Sequence[Tensor]:
+        return params if params is not None else (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+
     def forward(self, x: Tensor, counts: List[int], params: Optional[Sequence[Tensor]] = None) -> Tensor:
         """x: [sum(counts), M] tokens grouped by expert (counts[e] rows for expert e).
 
         params: (fc1_weight, fc1_bias, fc2_weight, fc2_bias) to use instead of the module's own, as
         expert parallelism passes them (the same tensors behind an identity with a custom backward)."""
         assert len(counts) == self.num_experts, (len(counts), self.num_experts)
-        w1, b1, w2, b2 = params if params is not None else (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        w1, b1, w2, b2 = self._params(params)
         if x.shape[0] == 0:
             # keep every parameter in the graph so that gradients exist (zeros)
             return x + 0.0 * sum(p.sum() for p in (w1, b1, w2, b2)).to(x.dtype)
@@ -226,7 +229,7 @@ class ExpertFFNs(nn.Module):
 
     def grouped_forward(self, x: Tensor, counts: List[int], params: Optional[Sequence[Tensor]] = None) -> Tensor:
         """Both projections as single grouped matmuls over contiguous groups (torch's grouped_mm)."""
-        w1, b1, w2, b2 = params if params is not None else (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        w1, b1, w2, b2 = self._params(params)
         sizes = torch.tensor(counts, device=x.device)
         offsets = torch.cumsum(sizes, 0).to(torch.int32)
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), sizes)

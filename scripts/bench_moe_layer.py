@@ -69,8 +69,8 @@ class EinsumMoE(nn.Module):
 class GroupedMmExperts(ExpertFFNs):
     """The experts through torch's grouped_mm on every device (--compare grouped_mm)."""
 
-    def forward(self, x, counts):
-        return self.grouped_forward(x, counts)
+    def forward(self, x, counts, params=None):
+        return self.grouped_forward(x, counts, params)
 
 
 class FreshGradExperts(ExpertFFNs):

@@ -239,8 +239,7 @@ class ExpertFFNs(nn.Module):
         y = F.grouped_mm(h, w2.transpose(1, 2), offs=offsets)
         return _AddGroupBias.apply(y, b2, expert_of_row, counts)
 
-    def forward_one(self, x: Tensor, expert: int) -> Tensor:
-        """One expert on all of x (the dense FFN of the expert-diversify phase, and tests)."""
-        return self.expert_forward(
-            x, self.fc1_weight[expert], self.fc1_bias[expert], self.fc2_weight[expert], self.fc2_bias[expert]
-        )
+    def forward_one(self, x: Tensor, expert: int, params: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """One expert on all of x (the dense FFN of the expert-diversify phase, and tests); params as
+        in forward."""
+        return self.expert_forward(x, *(t[expert] for t in self._params(params)))

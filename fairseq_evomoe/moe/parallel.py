@@ -245,7 +245,7 @@ class ExpertParallel:
             return experts.forward_one(x, 0)
         _set_grad_copies(experts, self.world_size)  # every worker holds the same base-expert gradient
         params = [_ExpertGrad.apply(getattr(experts, n), 1.0 / self.world_size, None, True) for n in EXPERT_PARAM_NAMES]
-        return experts.expert_forward(x, *(t[0] for t in params))
+        return experts.forward_one(x, 0, params=params)
 
     # -- sharding of a fully built layer -----------------------------------------------------
 

@@ -202,12 +202,17 @@ def test_expert_group_paths_agree(activation):
         return torch.cat([experts.forward_one(xe, e) for e, xe in enumerate(xi.split(counts))])
 
     want = run(loop)
-    paths = {"groups": lambda xi: experts(xi, counts)}
+    paths = {"groups": lambda xi: experts(xi, counts), "groups, counts as a tensor": lambda xi: experts(xi, torch.tensor(counts))}
     if grouped_mm_supported(x):
         paths["grouped_mm"] = lambda xi: experts.grouped_forward(xi, counts)
+        paths["grouped_mm, counts as a tensor"] = lambda xi: experts.grouped_forward(xi, torch.tensor(counts))
     for name, fn in paths.items():
         for a, b in zip(run(fn), want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    if grouped_mm_supported(x):  # a broadcast output gradient, as y.sum() gives
+        xi = x.clone().requires_grad_(True)
+        experts.grouped_forward(xi, counts).sum().backward()
+        assert xi.grad.shape == x.shape
     assert want[3][1].abs().sum() == 0  # fc1_bias of the expert without rows: zero gradient
 
 

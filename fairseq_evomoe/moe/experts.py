@@ -14,38 +14,60 @@ The expert-sorted tokens form contiguous groups, one per expert. Three ways to c
   hand-written backward that writes every expert's gradient into one [E, ...] tensor, whose memory
   it reuses from step to step (`ReusableGradStorage`); faster than torch's grouped_mm on CPU in
   every interleaved A/B we ran (README, Benchmarks).
-- CUDA bf16 on Hopper and newer, and CPU with activation dropout (the per-group path has no
-  dropout): torch's grouped matmul (`torch.nn.functional.grouped_mm`), one call per projection over
-  all groups.
+- GPU (`grouped_mm_preferred`: bf16 on Hopper and newer, other dtypes from 16 experts up), and CPU
+  with activation dropout (the per-group path has no dropout): torch's grouped matmul
+  (`torch.nn.functional.grouped_mm`), one call per projection over all groups. It reads the group
+  sizes on the device, so nothing in it waits for the GPU.
 - Elsewhere: a loop over the groups with the weights split by
   `unbind`, whose backward stacks the per-expert gradients into one tensor; indexing `W[e]` per
   expert would instead allocate and add a full-size gradient for every expert (E times the memory
   traffic).
 """
 
+import functools
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+Counts = Union[Tensor, Sequence[int]]  # rows per expert
+
+
+def _host(counts: Counts) -> List[int]:
+    return counts.tolist() if isinstance(counts, Tensor) else list(counts)
+
 
 class _AddGroupBias(torch.autograd.Function):
-    """h[rows of expert e] += bias[e], in place; the bias gradient is a sum per group (a gather
-    with index_select would make its backward a [tokens x width] scatter-add)."""
+    """h[rows of expert e] += bias[e], in place; the bias gradient is a sum of rows per group (a
+    gather with index_select would make its backward a [tokens x width] scatter-add)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, bias: Tensor, expert_of_row: Tensor, counts: List[int]):
-        ctx.counts = counts
+    def forward(ctx, h: Tensor, bias: Tensor, expert_of_row: Tensor):
+        ctx.save_for_backward(expert_of_row)
+        ctx.num_experts = bias.shape[0]
         ctx.mark_dirty(h)
         return h.add_(bias.index_select(0, expert_of_row))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad_bias = torch.stack([g.sum(0) for g in grad.split(ctx.counts)])
-        return grad, grad_bias, None, None
+        expert_of_row, = ctx.saved_tensors
+        grad = grad.contiguous()  # grouped_mm's backward rejects broadcast gradients (e.g. of y.sum())
+        return grad, group_sums(grad, expert_of_row, ctx.num_experts), None
+
+
+def group_sums(t: Tensor, group_of_row: Tensor, num_groups: int) -> Tensor:
+    """[G, N]: the sum of t's rows per group, for rows sorted by group (group_of_row
+    non-decreasing). Deterministic, with fp32 accumulation as torch.sum. On a GPU one matmul
+    against the one-hot group matrix, where a sum per group would launch G kernels; on the CPU
+    the sum per group, where the matmul would cost G times the arithmetic."""
+    if t.device.type == "cpu":
+        counts = torch.bincount(group_of_row, minlength=num_groups).tolist()
+        return torch.stack([g.sum(0) for g in t.split(counts)])
+    one_hot = group_of_row.unsqueeze(0) == torch.arange(num_groups, device=t.device).unsqueeze(1)
+    return one_hot.to(t.dtype) @ t
 
 
 class ReusableGradStorage:
@@ -155,13 +177,37 @@ def _activation_with_grad(act, pre: Tensor):
 
 
 def grouped_mm_supported(x: Tensor) -> bool:
-    """torch.nn.functional.grouped_mm (torch >= 2.9) on this device and dtype: CPU, or CUDA with bf16
-    on Hopper and newer; elsewhere the per-expert loop of ExpertFFNs.forward is used."""
+    """Whether torch.nn.functional.grouped_mm (torch >= 2.9) runs on x's device and dtype: always on
+    the CPU; on a GPU, tried once per device and dtype (torch has a CUTLASS kernel for bf16 on Hopper
+    and newer, and, in recent versions, a slower fallback for other dtypes and GPUs)."""
     if not hasattr(F, "grouped_mm"):
+        return False
+    return x.device.type == "cpu" or _grouped_mm_runs(x.device, x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        a, b = torch.zeros(16, 16, device=device, dtype=dtype), torch.zeros(2, 16, 16, device=device, dtype=dtype)
+        F.grouped_mm(a, b, offs=torch.tensor([8, 16], device=device, dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def grouped_mm_preferred(x: Tensor, num_experts: int) -> bool:
+    """The GPU path: torch's grouped matmul where it has its fast kernel (bf16 on Hopper and
+    newer); elsewhere its fallback kernel from 16 experts up, and below that a loop over the
+    experts. Measured on an H100 (fwd+bwd, dim 512 / FFN 2048, README, Benchmarks): in fp16 the
+    fallback took 0.54-0.61x the loop's time at 64 experts and 0.82-0.99x at 16, but 1.09-1.34x
+    at 4; fp32 alike."""
+    if not grouped_mm_supported(x):
         return False
     if x.device.type == "cpu":
         return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    if x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9:
+        return True
+    return num_experts >= 16
 
 
 class ExpertFFNs(nn.Module):
@@ -209,9 +255,11 @@ class ExpertFFNs(nn.Module):
     def _params(self, params: Optional[Sequence[Tensor]]) -> Sequence[Tensor]:
         return params if params is not None else (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
 
-    def forward(self, x: Tensor, counts: List[int], params: Optional[Sequence[Tensor]] = None) -> Tensor:
+    def forward(self, x: Tensor, counts: Counts, params: Optional[Sequence[Tensor]] = None) -> Tensor:
         """x: [sum(counts), M] tokens grouped by expert (counts[e] rows for expert e).
 
+        counts: a LongTensor [E] or a list of ints. The grouped path on a GPU reads a tensor on
+        the GPU, so the host need not wait for the routing; the other paths read the list.
         params: (fc1_weight, fc1_bias, fc2_weight, fc2_bias) to use instead of the module's own, as
         expert parallelism passes them (the same tensors behind an identity with a custom backward)."""
         assert len(counts) == self.num_experts, (len(counts), self.num_experts)
@@ -220,24 +268,26 @@ class ExpertFFNs(nn.Module):
             # keep every parameter in the graph so that gradients exist (zeros)
             return x + 0.0 * sum(p.sum() for p in (w1, b1, w2, b2)).to(x.dtype)
         if x.device.type == "cpu" and not (self.training and self.activation_dropout > 0):
-            return _ExpertFFNGroups.apply(x, w1, b1, w2, b2, counts, self.activation_fn, self.grad_storage)
-        if grouped_mm_supported(x):
+            return _ExpertFFNGroups.apply(x, w1, b1, w2, b2, _host(counts), self.activation_fn, self.grad_storage)
+        if grouped_mm_preferred(x, self.num_experts):
             return self.grouped_forward(x, counts, (w1, b1, w2, b2))
         params = zip(w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0))
-        outs = [self.expert_forward(xe, *p) for xe, p in zip(x.split(counts), params) if xe.shape[0] > 0]
+        outs = [self.expert_forward(xe, *p) for xe, p in zip(x.split(_host(counts)), params) if xe.shape[0] > 0]
         return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
 
-    def grouped_forward(self, x: Tensor, counts: List[int], params: Optional[Sequence[Tensor]] = None) -> Tensor:
-        """Both projections as single grouped matmuls over contiguous groups (torch's grouped_mm)."""
+    def grouped_forward(self, x: Tensor, counts: Counts, params: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """Both projections as single grouped matmuls over contiguous groups (torch's grouped_mm),
+        with no host sync: group offsets and the expert of each row are computed on x's device."""
         w1, b1, w2, b2 = self._params(params)
-        sizes = torch.tensor(counts, device=x.device)
-        offsets = torch.cumsum(sizes, 0).to(torch.int32)
-        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), sizes)
+        sizes = counts.to(x.device) if isinstance(counts, Tensor) else torch.tensor(counts, device=x.device)
+        offsets = torch.cumsum(sizes, 0, dtype=torch.int32)
+        experts = torch.arange(self.num_experts, device=x.device)
+        expert_of_row = torch.repeat_interleave(experts, sizes, output_size=x.shape[0])
         h = F.grouped_mm(x, w1.transpose(1, 2), offs=offsets)
-        h = _AddGroupBias.apply(h, b1, expert_of_row, counts)
+        h = _AddGroupBias.apply(h, b1, expert_of_row)
         h = F.dropout(self.activation_fn(h), p=self.activation_dropout, training=self.training)
         y = F.grouped_mm(h, w2.transpose(1, 2), offs=offsets)
-        return _AddGroupBias.apply(y, b2, expert_of_row, counts)
+        return _AddGroupBias.apply(y, b2, expert_of_row)
 
     def forward_one(self, x: Tensor, expert: int, params: Optional[Sequence[Tensor]] = None) -> Tensor:
         """One expert on all of x (the dense FFN of the expert-diversify phase, and tests); params as

@@ -193,7 +193,7 @@ class ExpertParallel:
 
     def run_experts(self, experts, x: Tensor, counts: Tensor) -> Tensor:
         if not self.is_distributed:
-            return experts(x, counts.tolist())
+            return experts(x, counts)
         return self._run_distributed(experts, x, counts)
 
     def _run_distributed(self, experts, x: Tensor, counts: Tensor) -> Tensor:

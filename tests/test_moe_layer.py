@@ -59,6 +59,26 @@ def test_padding_is_never_routed(gate):
     torch.testing.assert_close(layer(x2, ids)[~pad], out[~pad])
 
 
+def test_phase_flag_follows_the_spawned_buffer():
+    """is_sparse caches the `spawned` buffer (reading it on a GPU waits for the GPU); every way
+    the buffer changes is seen."""
+    import copy
+    import pickle
+
+    layer = make_layer("top1")
+    assert layer.is_sparse
+    layer.spawned.fill_(False)
+    assert not layer.is_sparse
+    layer.load_state_dict({**layer.state_dict(), "spawned": torch.tensor(True)})
+    assert layer.is_sparse
+    layer.spawned = torch.tensor(False)
+    assert not layer.is_sparse
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert not clone.is_sparse
+        clone.spawned.fill_(True)
+        assert clone.is_sparse and not layer.is_sparse
+
+
 def test_capacity_drops_lowest_scores_and_keeps_counts():
     layer = make_layer("top1", capacity_factor=0.5)
     layer.train()

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .gates.base import Routing
+from .gates.base import Routing, count_per_expert
 
 DROP_POLICIES = ("score", "position")
 
@@ -53,9 +53,12 @@ def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[int], p
 
     Within an expert, earlier choice ranks come first; then higher priority (policy `score`,
     batch-prioritized routing) or lower token index (policy `position`, arrival order).
+    With a capacity, the number of kept assignments is read on the host (on a GPU the one wait for
+    the device in a top-1 or top-2 layer; README, Benchmarks, says why the dropped ones are not
+    instead run and discarded).
     """
     expert = routing.expert_idx
-    routed_counts = torch.bincount(expert, minlength=num_experts)
+    routed_counts = count_per_expert(expert, num_experts)
     if capacity is None or not routing.droppable:
         order = torch.argsort(expert, stable=True)
         return DispatchPlan(order, routed_counts, routed_counts)

@@ -43,6 +43,7 @@ class MoELayer(nn.Module):
         self.parallel = parallel if parallel is not None else ExpertParallel.single_process(self.num_experts)
         # False while the expert-diversify phase runs the base expert as a dense FFN
         self.register_buffer("spawned", torch.tensor(not diversify))
+        self._spawned_cache = None
         self.evomoe = None  # the layer's expert-diversify plan (evomoe.controller.DiversifyPlan), if any
         self.layer_name = ""  # set by the model, used in logs
         self.metadata: Dict[str, Tensor] = {}
@@ -51,7 +52,14 @@ class MoELayer(nn.Module):
 
     @property
     def is_sparse(self) -> bool:
-        return bool(self.spawned)
+        """bool(self.spawned), read from the device only when the buffer changed (a new tensor or
+        an in-place write such as a spawn or a checkpoint load): reading a GPU tensor makes the
+        host wait for the GPU, and this is asked on every forward."""
+        buf = self.spawned
+        cached = self._spawned_cache
+        if cached is None or cached[0] is not buf or cached[1] != buf._version:
+            cached = self._spawned_cache = (buf, buf._version, bool(buf))
+        return cached[2]
 
     def set_num_updates(self, num_updates: int) -> None:
         """fairseq calls this on every module before each training step and on checkpoint load.

@@ -100,10 +100,17 @@ class LinearRouter(nn.Module):
 
 
 def finite_logits(logits: Tensor) -> Tensor:
-    """Replace NaN by 0 and +-inf by large finite values so one bad token cannot poison routing."""
-    if torch.isfinite(logits).all():
-        return logits
+    """Replace NaN by 0 and +-inf by large finite values so one bad token cannot poison routing.
+    (Applied unconditionally: testing for them first would make the host wait for the GPU.)"""
     return torch.nan_to_num(logits, nan=0.0, posinf=1e4, neginf=-1e4)
+
+
+def count_per_expert(expert_idx: Tensor, num_experts: int) -> Tensor:
+    """LongTensor [E]: how many of the assignments go to each expert. Unlike torch.bincount,
+    which on a GPU reads the largest index back to the host to size its output, this never waits
+    for the GPU."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_idx.device)
+    return counts.index_add_(0, expert_idx, torch.ones_like(expert_idx))
 
 
 def switch_balance_loss(probs: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
@@ -115,7 +122,7 @@ def switch_balance_loss(probs: Tensor, expert_idx: Tensor, num_experts: int) -> 
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    frac = torch.bincount(expert_idx, minlength=num_experts).to(probs.dtype) / probs.shape[0]
+    frac = count_per_expert(expert_idx, num_experts).to(probs.dtype) / probs.shape[0]
     return num_experts * torch.sum(frac * probs.mean(dim=0))
 
 

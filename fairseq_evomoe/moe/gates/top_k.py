@@ -92,15 +92,17 @@ class Top2Gate(RouterGate):
         w1, w2 = p1 / denom, p2 / denom
 
         tokens = torch.arange(x.shape[0], device=x.device)
-        keep2 = torch.ones_like(first, dtype=torch.bool)
-        if self.training and self.policy == "random":
-            keep2 = (2 * p2.detach()) > torch.rand_like(p2)
+        second_choices = (tokens, second, w2, p2)
+        if self.training and self.policy == "random":  # the runner-up kept with probability min(1, 2 p2)
+            kept = ((2 * p2.detach()) > torch.rand_like(p2)).nonzero().squeeze(1)
+            second_choices = tuple(t.index_select(0, kept) for t in second_choices)
+        token2, second, w2, p2 = second_choices
         return Routing(
-            token_idx=torch.cat([tokens, tokens[keep2]]),
-            expert_idx=torch.cat([first, second[keep2]]),
-            weight=torch.cat([w1, w2[keep2]]),
-            priority=torch.cat([p1, p2[keep2]]).detach(),
-            rank=torch.cat([torch.zeros_like(first), torch.ones_like(second[keep2])]),
+            token_idx=torch.cat([tokens, token2]),
+            expert_idx=torch.cat([first, second]),
+            weight=torch.cat([w1, w2]),
+            priority=torch.cat([p1, p2]).detach(),
+            rank=torch.cat([torch.zeros_like(first), torch.ones_like(second)]),
             probs=probs,
             balance_loss=switch_balance_loss(probs, first, self.num_experts),
             z_loss=router_z_loss(logits),

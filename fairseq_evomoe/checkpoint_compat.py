@@ -40,13 +40,14 @@ def fairseq_checkpoint_types() -> list:
         collections.OrderedDict,
         np.dtype,
     ]
-    # numpy scalars (e.g. the best validation loss) pickle as numpy._core.multiarray.scalar + dtype classes
+    # numpy scalars (e.g. the best validation loss) pickle as numpy._core.multiarray.scalar + dtype
+    # classes; numpy arrays (e.g. the BLEU n-gram counts that --eval-bleu keeps in the saved
+    # metrics) as numpy._core.multiarray._reconstruct + ndarray
     try:
-        from numpy._core.multiarray import scalar as np_scalar
-
-        types.append(np_scalar)
+        from numpy._core import multiarray
     except ImportError:  # numpy < 2
-        pass
+        from numpy.core import multiarray
+    types.extend([getattr(multiarray, "scalar", None), multiarray._reconstruct, np.ndarray])
     types.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
     # with several workers, rank 0 loads the checkpoint and fairseq broadcasts it to the others as a
     # torch.save'd buffer in which every tensor is replaced by this placeholder

@@ -74,11 +74,13 @@ def test_roberta_masked_lm(lm_data, tmp_path):
 
 def test_checkpoints_load_under_weights_only(mt_data, tmp_path):
     """A checkpoint written by fairseq-train loads with torch.load's safe default once the plugin is
-    imported, and does not without it (the allowlist is what makes it work)."""
+    imported, and does not without it (the allowlist is what makes it work). --eval-bleu makes
+    fairseq keep numpy arrays (BLEU n-gram counts) in the checkpoint's saved metrics."""
     save = tmp_path / "ckpt"
     run_cli("fairseq-train", mt_data, *COMMON, "--task", "translation", "--arch", "transformer_moe_tiny",
             "--criterion", "moe_label_smoothed_cross_entropy", "--max-tokens", "1500", "--max-update", "2",
-            "--save-dir", save, "--disable-validation")
+            "--save-dir", save, "--validate-interval-updates", "2", "--eval-bleu",
+            "--eval-bleu-args", '{"beam": 1, "max_len_b": 5}')
     ckpt = save / "checkpoint_last.pt"
     code = "import sys, torch; {imp}; s = torch.load(sys.argv[1]); print(sorted(s)[:3])"
     ok = subprocess.run([sys.executable, "-c", code.format(imp="import fairseq_evomoe"), str(ckpt)],

@@ -9,15 +9,21 @@ state) runs as is and the MoE only replaces the FFN. `--scale-fc` (a LayerNorm b
 fc2) is rejected for MoE layers.
 
 Re-expressed from fairseq (and why):
-- the checkpoint/FSDP wrapping of a built layer (`wrap_layer`), because fairseq's
-  `build_*_layer` constructs the dense layer class inside the same method;
+- the FSDP wrapping of a built layer (`wrap_layer`), because fairseq's `build_*_layer`
+  constructs the dense layer class inside the same method. MoE layers are not activation-
+  checkpointed (see `wrap_layer`); with `--checkpoint-activations` fairseq still checkpoints the
+  dense layers;
 - the layers are swapped after fairseq built the dense stack, since fairseq builds the stack in
   one list comprehension without telling `build_*_layer` the layer index.
 
 Token ids reach the MoE layers through `routing_tokens`, a context manager that the encoder's
 `forward` and the decoder's `extract_features` open around fairseq's code: the MoE layers read
-them to skip padding and, for the Hash and StableMoE gates, to route by token.
+them to skip padding and, for the Hash and StableMoE gates, to route by token. It also clears
+each layer's `metadata` first, so that a layer LayerDrop skipped in this forward reports nothing
+(rather than the losses of an earlier batch, whose graph is gone).
 """
+
+import logging
 
 from contextlib import contextmanager
 from typing import List, Optional
@@ -26,7 +32,6 @@ import torch.nn as nn
 from fairseq import utils
 from fairseq.distributed import fsdp_wrap
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerEncoderBase
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
 from ..evomoe.controller import DiversifyPlan
@@ -37,6 +42,8 @@ from ..moe.gates.base import build_gate
 from ..moe.layer import MoELayer, moe_layers
 from ..moe.options import moe_layer_indices
 from ..moe.parallel import ExpertParallel
+
+logger = logging.getLogger(__name__)
 
 
 def _identity(x):
@@ -107,18 +114,29 @@ class MoETransformerDecoderLayer(MoEFFNMixin, TransformerDecoderLayerBase):
 
 
 def wrap_layer(layer: nn.Module, cfg) -> nn.Module:
-    """Activation checkpointing and FSDP wrapping, as fairseq's build_*_layer does."""
-    checkpoint = cfg.checkpoint_activations
-    if checkpoint:
-        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
-    min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
+    """FSDP wrapping of a layer with an MoE FFN, as fairseq's build_*_layer does, but without
+    activation checkpointing: fairseq's checkpoint wrapper runs the forward without autograd and
+    again in the backward, and an MoE layer's balance loss and z-loss leave it beside its output
+    (in `metadata`, for the criterion) while its token ids come from `routing_tokens`. Checkpointed,
+    the balance loss would get no gradient and the recomputed forward would route padding."""
+    min_params_to_wrap = cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0
     return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
+
+
+def log_uncheckpointed(stack: str, indices: List[int], cfg) -> None:
+    if cfg.checkpoint_activations and indices:
+        logger.info(
+            f"--checkpoint-activations: {stack} layers {indices} (MoE) keep their activations; "
+            "the dense layers are checkpointed"
+        )
 
 
 @contextmanager
 def routing_tokens(layers: List[MoELayer], tokens):
-    """Let the MoE layers see the token ids [batch, time] of the current forward."""
+    """Let the MoE layers see the token ids [batch, time] of the current forward, and clear what
+    they reported for the previous one."""
     for m in layers:
+        m.metadata = {}
         m.routing_tokens = tokens
     try:
         yield
@@ -136,6 +154,7 @@ class MoETransformerEncoder(TransformerEncoderBase):
             moe.layer_name = f"enc{i}"
             self.layers[i] = wrap_layer(MoETransformerEncoderLayer(cfg, moe, return_fc=return_fc), cfg)
         self.moe_layers = moe_layers(self.layers)
+        log_uncheckpointed("encoder", moe_layer_indices(len(self.layers), cfg.moe_freq), cfg)
 
     def forward(self, src_tokens, src_lengths=None, return_all_hiddens: bool = False, token_embeddings=None):
         with routing_tokens(self.moe_layers, src_tokens):
@@ -151,6 +170,7 @@ class MoETransformerDecoder(TransformerDecoderBase):
             moe.layer_name = f"dec{i}"
             self.layers[i] = wrap_layer(MoETransformerDecoderLayer(cfg, moe, no_encoder_attn=no_encoder_attn), cfg)
         self.moe_layers = moe_layers(self.layers)
+        log_uncheckpointed("decoder", moe_layer_indices(len(self.layers), cfg.moe_freq), cfg)
 
     def extract_features(
         self,

@@ -1,0 +1,76 @@
+"""MoE models built from the command line, run forward and backward in-process (no fairseq-train):
+how the MoE layers behave under fairseq's activation checkpointing and LayerDrop."""
+
+import pytest
+import torch
+from fairseq import options
+from fairseq.data import Dictionary
+from fairseq.models import ARCH_MODEL_REGISTRY
+
+import fairseq_evomoe  # noqa: F401  (registers the architectures)
+from fairseq_evomoe.criterions.moe_criterions import MoECrossEntropyCriterion
+from fairseq_evomoe.moe.layer import moe_layers
+
+
+def build_lm(*extra):
+    vocab = Dictionary()
+    for i in range(40):
+        vocab.add_symbol(f"w{i}")
+
+    class Task:
+        source_dictionary = target_dictionary = vocab
+
+    parser = options.get_training_parser()
+    argv = ["/nonexistent", "--task", "language_modeling", "--arch", "transformer_lm_moe_tiny",
+            "--criterion", "moe_cross_entropy", "--moe-capacity-factor", "1.0", *extra]
+    args = options.parse_args_and_arch(parser, argv)
+    torch.manual_seed(0)
+    model = ARCH_MODEL_REGISTRY[args.arch].build_model(args, Task())
+    criterion = MoECrossEntropyCriterion(Task(), False, 1.0, "average", 0.0, False)
+    return model.train(), criterion, vocab
+
+
+def lm_sample(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(vocab.nspecial, len(vocab), (2, 8), generator=g)
+    tokens[1, 5:] = vocab.pad()
+    target = tokens.roll(-1, 1).masked_fill(tokens == vocab.pad(), vocab.pad())
+    return {"net_input": {"src_tokens": tokens, "src_lengths": torch.tensor([8, 5])},
+            "target": target, "ntokens": int((target != vocab.pad()).sum()), "id": torch.arange(2)}
+
+
+@pytest.mark.parametrize("gate", ["top1", "hash"])
+def test_checkpoint_activations_keeps_the_balance_loss_and_skips_padding(gate):
+    """fairseq's checkpoint wrapper recomputes a layer in the backward without the routing context;
+    MoE layers are left unwrapped so the balance loss keeps its gradient and padding is never routed,
+    while the dense layers are still checkpointed."""
+    model, criterion, vocab = build_lm("--checkpoint-activations", "--moe-gate", gate, "--moe-freq", "2",
+                                       "--decoder-layers", "2")
+    layers = model.decoder.layers
+    assert hasattr(layers[0], "precheckpoint_forward")  # fairseq's checkpoint wrapper on the dense layer
+    assert not hasattr(layers[1], "precheckpoint_forward")  # the MoE layer
+    loss, _, log = criterion(model, lm_sample(vocab))
+    moe = moe_layers(model)[0]
+    assert moe.metadata["num_tokens"].item() == 13  # 16 positions, 3 of them padding
+    loss.backward()  # the hash gate used to fail here: the recompute had no token ids
+    assert moe.metadata["num_tokens"].item() == 13  # no second forward without the routing context
+    if gate == "top1":  # the hash gate has no router and no balance loss
+        assert moe.metadata["balance_loss"].requires_grad
+        assert moe.gate.router.wg.weight.grad.abs().sum() > 0
+
+
+def test_layer_skipped_by_layerdrop_reports_nothing():
+    """A layer LayerDrop skips must not hand the criterion the losses of an earlier batch (whose
+    graph is gone: the backward would fail)."""
+    model, criterion, vocab = build_lm("--moe-freq", "1", "--decoder-layers", "2", "--decoder-layerdrop", "0.5")
+    first, second = moe_layers(model)
+    seen = set()
+    for step in range(12):
+        torch.manual_seed(step)
+        loss, _, log = criterion(model, lm_sample(vocab, seed=step))
+        ran = tuple(bool(m.metadata) for m in (first, second))
+        seen.add(ran)
+        loss.backward()  # would raise "backward through the graph a second time" with stale losses
+        if not any(ran):
+            assert log["moe_gate_loss"] == 0
+    assert len(seen) > 1  # LayerDrop did skip layers in some steps and not in others

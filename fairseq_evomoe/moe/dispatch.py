@@ -7,6 +7,7 @@ experts as contiguous groups, and added back with `index_add_`.
 """
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,12 +23,14 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k
     """Assignments each expert may take: ceil(factor * k * tokens / experts); None = dropless.
 
     capacity_factor > 0 gives a fixed capacity; 0 means no limit (nothing is ever dropped).
+    The factor is taken as the decimal the user wrote (1.1 is 11/10, not the binary float just above
+    it), so that 1.1 * 200 / 4 gives 55 and not 56.
     """
     if capacity_factor < 0:
         raise ValueError(f"capacity factor must be >= 0 (0 = dropless), got {capacity_factor}")
     if capacity_factor == 0:
         return None
-    return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
+    return max(1, math.ceil(Fraction(repr(float(capacity_factor))) * k * num_tokens / num_experts))
 
 
 @dataclass

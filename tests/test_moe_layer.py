@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from fairseq_evomoe.evomoe.schedule import Phase
 from fairseq_evomoe.moe.dispatch import expert_capacity, plan_dispatch
 from fairseq_evomoe.moe.gates.base import GATE_REGISTRY, switch_balance_loss
 
-from moe_helpers import PAD, fast_and_reference, make_layer
+from moe_helpers import PAD, fast_and_reference, forward_recording_routing, make_layer, reference_layer_forward
 
 # gates whose reference check runs on plain hidden states (every registered gate takes token ids too)
 ALL_GATES = sorted(GATE_REGISTRY)
@@ -20,6 +21,8 @@ def token_ids_for(n, vocab=50, seed=0):
 @pytest.mark.parametrize("gate", ALL_GATES)
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.5, 1.0])
 def test_fast_path_equals_dense_reference(gate, capacity_factor):
+    """The fast index dispatch equals layer.reference_forward on the same plan (what the CUDA tests
+    reuse); which assignments the plan keeps is checked by test_layer_equals_independent_reference."""
     layer = make_layer(gate, capacity_factor=capacity_factor)
     layer.train()
     x = torch.randn(64, 16, requires_grad=True)
@@ -37,6 +40,106 @@ def test_fast_path_equals_dense_reference(gate, capacity_factor):
         a = torch.zeros_like(p) if a is None else a  # an expert that got no token has no gradient
         b = torch.zeros_like(p) if b is None else b
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# Gate configurations for the independent reference: every registered gate, the top-2 second-expert
+# policies, the DTS gate in its soft (never drops) and hard (top-1 with capacity) phases, StableMoE
+# in both stages. `droppable`: whether the routing may drop under capacity.
+REFERENCE_CASES = {
+    "top1": dict(gate="top1", droppable=True),
+    "top2-all": dict(gate="top2", moe_second_expert_policy="all", droppable=True),
+    "top2-random": dict(gate="top2", moe_second_expert_policy="random", droppable=True),
+    "top2-sampling": dict(gate="top2", moe_second_expert_policy="sampling", droppable=True),
+    "dts-soft": dict(gate="dts", dts_anneal_updates=100, evomoe_diversify_updates=0, num_updates=50, droppable=False),
+    "dts-hard": dict(gate="dts", dts_anneal_updates=100, evomoe_diversify_updates=0, dts_hard_update=10,
+                     num_updates=10, droppable=True),
+    "hash": dict(gate="hash", droppable=True),  # every priority is 1: ties keep the assignment order
+    "stablemoe": dict(gate="stablemoe", droppable=True),
+    "stablemoe-stage2": dict(gate="stablemoe", stablemoe_stage2_update=5, num_updates=5, droppable=True),
+    "base": dict(gate="base", droppable=True),
+    "dense_moe": dict(gate="dense_moe", droppable=False),
+}
+
+
+def test_reference_cases_cover_every_gate():
+    assert {c["gate"] for c in REFERENCE_CASES.values()} == set(GATE_REGISTRY)
+
+
+def padded_batch(T=11, B=4, M=16, seed=0):
+    """x [T, B, M] (requires grad) and token ids [B, T] with right and left padding; the padded
+    positions hold large values, which would show if they were routed."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 50, (B, T), generator=g)
+    ids[0, 7:] = PAD
+    ids[1, :2] = PAD  # left padding (fairseq's default for sources)
+    ids[2, 3:] = PAD
+    x = torch.randn(T, B, M, generator=g)
+    x[ids.t().eq(PAD)] *= 100
+    return x.requires_grad_(True), ids
+
+
+def check_against_reference(layer, x, ids, seed=0, expect_drops=None):
+    """MoELayer.forward equals the independent reference (moe_helpers) on the routing its own gate
+    produced: outputs, dispatch counts, and gradients w.r.t. the input and every parameter."""
+    out, (gate_x, gate_ids), routing = forward_recording_routing(layer, x, ids, seed)
+    ref, x_real, ids_real, kept, capacity = reference_layer_forward(layer, x, ids, routing)
+
+    # the gate saw exactly the non-padding tokens, in order
+    torch.testing.assert_close(gate_x, x_real, rtol=0, atol=0)
+    assert gate_ids is not None and torch.equal(gate_ids, ids_real)
+    P = routing.expert_idx.numel()
+    if expect_drops is not None:
+        assert (len(kept) < P) == expect_drops, (len(kept), P, capacity)
+
+    pad = ids.t().eq(PAD)
+    assert torch.all(out.detach()[pad] == 0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    kept_per_expert = torch.bincount(routing.expert_idx[kept], minlength=layer.num_experts).float()
+    torch.testing.assert_close(layer.metadata["tokens_per_expert"], kept_per_expert)
+    assert layer.metadata["dropped_frac"].item() == pytest.approx(1 - len(kept) / max(P, 1))
+
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    params = [x] + list(layer.parameters())
+    grads = torch.autograd.grad((out * g).sum(), params, allow_unused=True, retain_graph=True)
+    grads_ref = torch.autograd.grad((ref * g).sum(), params, allow_unused=True)
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    for name, p, a, b in zip(names, params, grads, grads_ref):
+        a = torch.zeros_like(p) if a is None else a  # a parameter outside the output's graph
+        b = torch.zeros_like(p) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("drop_policy", ["score", "position"])
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_layer_equals_independent_reference(case, capacity_factor, drop_policy):
+    """MoELayer.forward ([T, B, M] with padding) against a reference that decides by itself which
+    assignments capacity keeps; heavy drops (0.5), some (1.0) and none (0 = dropless)."""
+    opts = dict(REFERENCE_CASES[case])
+    gate, droppable, num_updates = opts.pop("gate"), opts.pop("droppable"), opts.pop("num_updates", None)
+    layer = make_layer(gate, capacity_factor=capacity_factor, drop_policy=drop_policy, **opts)
+    layer.train()
+    if num_updates is not None:
+        layer.gate.set_num_updates(num_updates)
+    if case.startswith("dts"):
+        assert layer.gate.phase == (Phase.HARD if droppable else Phase.SOFT)
+    if not droppable or capacity_factor == 0:
+        expect_drops = False
+    else:  # 0.5 always overflows an expert; 1.0 may or may not
+        expect_drops = True if capacity_factor == 0.5 else None
+    x, ids = padded_batch()
+    check_against_reference(layer, x, ids, expect_drops=expect_drops)
+
+
+@pytest.mark.parametrize("gate", ["top1", "top2", "base"])
+@pytest.mark.parametrize("drop_policy", ["score", "position"])
+def test_evaluation_uses_the_eval_capacity_factor(gate, drop_policy):
+    layer = make_layer(gate, capacity_factor=0.0, eval_capacity_factor=0.5, drop_policy=drop_policy)
+    layer.eval()
+    x, ids = padded_batch(seed=2)
+    check_against_reference(layer, x, ids, expect_drops=True)
+    layer.train()  # the training factor (0) is dropless
+    check_against_reference(layer, x, ids, expect_drops=False)
 
 
 @pytest.mark.parametrize("gate", ALL_GATES)
@@ -181,6 +284,8 @@ def test_expert_capacity_formula():
     assert expert_capacity(100, 4, 0.0) is None
     assert expert_capacity(100, 4, 1.0) == 25
     assert expert_capacity(100, 4, 1.25, k=2) == 63
+    assert expert_capacity(200, 4, 1.1) == 55  # 1.1 * 200 / 4 is 55.000000000000014 in floats
+    assert expert_capacity(360, 4, 1.1) == 99
     with pytest.raises(ValueError, match="capacity factor"):
         expert_capacity(100, 4, -1.0)
 
@@ -195,6 +300,27 @@ def test_stats_are_reported():
     assert md["tokens_per_expert"].shape == (4,)
     assert 1.0 <= md["experts_per_token"].item() <= 2.0
     assert 0 < md["router_entropy"].item() <= torch.log(torch.tensor(4.0)).item() + 1e-6
+
+
+@pytest.mark.parametrize("gate", ["top1", "top2"])
+def test_token_level_drop_statistics(gate):
+    """dropped_frac counts assignments; tokens_unserved counts tokens that kept no expert at all
+    (with top-2 a token that lost only its second expert is still served)."""
+    layer = make_layer(gate, capacity_factor=0.3)
+    layer.train()
+    x = torch.randn(60, 16)
+    torch.manual_seed(1)
+    layer.sparse_forward(x, None)
+    torch.manual_seed(1)
+    routing = layer.gate(x, None)
+    plan = plan_dispatch(routing, 4, layer.capacity(60, routing.capacity_k), "score")
+    kept_per_token = torch.zeros(60).index_add_(0, routing.token_idx[plan.order], torch.ones(plan.order.numel()))
+    md = layer.metadata
+    assert md["tokens_unserved"].item() == (kept_per_token == 0).sum().item() > 0
+    assert md["dropped_frac"].item() == pytest.approx(1 - plan.order.numel() / routing.token_idx.numel())
+    if gate == "top2":  # some tokens lost one of their two experts only: fewer tokens than assignments
+        assert (kept_per_token == 1).sum() > 0
+        assert md["tokens_unserved"].item() < routing.token_idx.numel() - plan.order.numel()
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])

@@ -116,6 +116,7 @@ class MoELayer(nn.Module):
             "routed_per_expert": zeros_e.detach(),
             "dropped_frac": torch.tensor(0.0),
             "experts_per_token": torch.tensor(1.0),
+            "tokens_unserved": torch.tensor(0.0),
             "router_entropy": torch.tensor(0.0),
         }
         return y + zero.to(y.dtype)
@@ -134,19 +135,25 @@ class MoELayer(nn.Module):
         expert_out = self.parallel.run_experts(self.experts, expert_in, plan.counts)
         weight = routing.weight[assign].to(expert_out.dtype)
         out = x.new_zeros(x.shape).index_add_(0, tokens, expert_out * weight.unsqueeze(1))
-        self.metadata = self.routing_stats(routing, plan, x.shape[0])
+        self.metadata = self.routing_stats(routing, plan, x.shape[0], tokens)
         return out
 
-    def routing_stats(self, routing: Routing, plan: DispatchPlan, num_tokens: int) -> Dict[str, Tensor]:
+    def routing_stats(self, routing: Routing, plan: DispatchPlan, num_tokens: int, kept_tokens: Tensor) -> Dict[str, Tensor]:
+        """kept_tokens: the token of every kept assignment."""
         with torch.no_grad():
             n = max(num_tokens, 1)
             routed = plan.routed_counts.float()
+            served = kept_tokens.new_zeros(num_tokens, dtype=torch.bool).index_fill_(0, kept_tokens, True)
             stats = {
                 "num_tokens": torch.tensor(float(num_tokens)),
                 "tokens_per_expert": plan.counts.float(),
                 "routed_per_expert": routed,
+                # assignments (token, expert) dropped by capacity, over those routed
                 "dropped_frac": plan.num_dropped.float() / routed.sum().clamp(min=1),
+                # routed assignments per token, before capacity
                 "experts_per_token": routed.sum() / n,
+                # tokens that kept no expert (their output is 0: the residual passes them through)
+                "tokens_unserved": (num_tokens - served.sum()).float(),
             }
             if routing.probs is not None and routing.probs.shape[0] > 0:
                 p = routing.probs.float()

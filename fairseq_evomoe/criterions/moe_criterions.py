@@ -3,6 +3,11 @@
 moe_cross_entropy                 (language modelling)   = cross_entropy + MoE loss
 moe_label_smoothed_cross_entropy  (translation)          = label_smoothed_cross_entropy + MoE loss
 moe_masked_lm                     (RoBERTa)              = masked_lm + MoE loss
+
+`loss` is what is optimised (task + MoE loss); `ppl` (and `nll_loss` where fairseq logs it) is
+always that of the task loss alone, per predicted token. cross_entropy and masked_lm derive them
+from `loss`, so their reduce_metrics are replaced here (reduce_loss_and_ppl); label-smoothed cross
+entropy derives them from its `nll_loss`, which the MoE loss never touches.
 """
 
 from dataclasses import dataclass
@@ -15,7 +20,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.criterions.masked_lm import MaskedLmConfig, MaskedLmLoss
 
-from .moe_loss import MoELossMixin, MoELossOptions, log_ppl_from_inner_loss, reduce_moe_metrics
+from .moe_loss import MoELossMixin, MoELossOptions, reduce_loss_and_ppl, reduce_moe_metrics
 
 
 @dataclass
@@ -31,9 +36,9 @@ class MoECrossEntropyCriterion(MoELossMixin, CrossEntropyCriterion):
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
+        # CrossEntropyCriterion.reduce_metrics, with nll_loss and ppl from the task loss
         reduce_moe_metrics(logging_outputs)
-        log_ppl_from_inner_loss(logging_outputs)
-        super().reduce_metrics(logging_outputs)
+        reduce_loss_and_ppl(logging_outputs, "ntokens")
 
 
 @dataclass
@@ -77,6 +82,6 @@ class MoEMaskedLmLoss(MoELossMixin, MaskedLmLoss):
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
+        # MaskedLmLoss.reduce_metrics, with ppl from the task loss per masked token (= sample_size)
         reduce_moe_metrics(logging_outputs)
-        log_ppl_from_inner_loss(logging_outputs)
-        MaskedLmLoss.reduce_metrics(logging_outputs)
+        reduce_loss_and_ppl(logging_outputs, "sample_size")

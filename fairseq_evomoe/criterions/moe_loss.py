@@ -7,21 +7,40 @@ statistics). `MoELossMixin.add_moe_loss` reads them, adds
   + moe_z_loss_wt    * sample_size * combine_over_layers(z_loss)
 
 to the task loss while training (validation reports the pure task loss, so validation loss and
-perplexity compare across gates), and puts the statistics into the logging output. Logged keys:
+perplexity compare across gates), and puts the statistics into the logging output.
 
-  inner_loss           the task loss alone
+Losses:
+
+  loss                 what is optimised: task loss + MoE loss (per sample_size, as fairseq logs it)
+  inner_loss           the task loss alone (per sample_size)
   moe_gate_loss        the weighted balance (+ z) loss term
-  moe_experts_per_token  mean routed experts per token (mean over MoE layers)
-  moe_dropped_pct      % of assignments dropped by capacity
-  moe_busiest_load / moe_idlest_load  tokens of the busiest / idlest expert over the mean (1 = balanced)
-  moe_unused_experts   experts that got no token (mean over layers)
-  moe_router_entropy   mean entropy of the router distribution (nats)
-  moe_<gate state>     gate schedule values, e.g. moe_temperature, moe_phase
-  moe_load_<layer>_e<k>  share of tokens of expert k in that layer (with --moe-log-expert-load)
+  nll_loss, ppl        of the task loss alone, per predicted token (never includes the MoE loss);
+                       nll_loss appears where fairseq logs it (--sentence-avg, translation)
+
+Routing metrics. Each logging output carries sums per MoE layer (python floats that add up across
+micro-batches, workers and validation batches; their keys start with "_" and are never shown).
+A logged value is computed per layer from those sums over everything the log line covers (the
+micro-batches and workers of the updates since the last line, or the whole validation set), then
+averaged over the MoE layers; a 4-token batch weighs 4 tokens. The load statistics (busiest,
+idlest, unused) are those of each forward, the load its capacity acted on, as a token-weighted
+mean. "Assignment" = one (token, expert) pair chosen by the gate; a token sent to 2 experts makes 2.
+
+  moe_experts_per_token       routed assignments per token, BEFORE capacity
+  moe_kept_experts_per_token  assignments per token AFTER capacity (kept ones)
+  moe_dropped_pct             % of routed ASSIGNMENTS dropped by capacity
+  moe_tokens_dropped_pct      % of TOKENS that kept no expert (their FFN output is 0)
+  moe_busiest_load / moe_idlest_load  kept tokens of the busiest / idlest expert over the mean
+                              (1 = balanced), per forward
+  moe_unused_experts          experts that kept no token in a forward
+  moe_router_entropy          mean entropy of the router distribution per token (nats)
+  moe_<gate state>            gate schedule values, e.g. moe_temperature, moe_phase (mean of the outputs)
+  moe_load_<layer>_e<k>       share of kept tokens of expert k in that layer, over the sparse
+                              (post-spawn) forwards only (with --moe-log-expert-load)
 """
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Dict, List
 
 import torch
@@ -31,14 +50,7 @@ from fairseq import metrics, utils
 from ..moe.layer import MoELayer, moe_layers
 
 COMBINE_METHODS = ("sum", "average")
-STAT_KEYS = (
-    "moe_experts_per_token",
-    "moe_dropped_pct",
-    "moe_busiest_load",
-    "moe_idlest_load",
-    "moe_unused_experts",
-    "moe_router_entropy",
-)
+
 
 
 @dataclass
@@ -94,26 +106,58 @@ class MoELossMixin:
         return loss, sample_size, logging_output
 
 
+# Per MoE layer and forward, the logging output carries these sums (python floats, key
+# _moe_<count>_<layer>); a logged ratio divides two of them summed over the log line's forwards.
+# busiest / idlest / unused are computed per forward (the load a forward's capacity acts on) and
+# carried times the tokens, so their logged value is a token-weighted mean over forwards.
+COUNTS = ("tokens", "routed", "kept", "unserved", "entropy", "busiest", "idlest", "unused")
+ROUTING_METRICS = {  # logged name -> (numerator, denominator, scale)
+    "moe_experts_per_token": ("routed", "tokens", 1.0),
+    "moe_kept_experts_per_token": ("kept", "tokens", 1.0),
+    "moe_dropped_pct": ("dropped", "routed", 100.0),
+    "moe_tokens_dropped_pct": ("unserved", "tokens", 100.0),
+    "moe_busiest_load": ("busiest", "tokens", 1.0),
+    "moe_idlest_load": ("idlest", "tokens", 1.0),
+    "moe_unused_experts": ("unused", "tokens", 1.0),
+    "moe_router_entropy": ("entropy", "tokens", 1.0),
+}
+
+
+def layer_names(layers: List[MoELayer]) -> List[str]:
+    names = []
+    for i, m in enumerate(layers):
+        name = m.layer_name or f"moe{i}"
+        names.append(name if name not in names else f"{name}_{i}")  # two layers never share counts
+    return names
+
+
 def routing_summary(layers: List[MoELayer], per_expert: bool) -> Dict[str, float]:
-    """Mean over layers of each routing statistic (python floats, summable across workers)."""
-    stats: Dict[str, List[float]] = {k: [] for k in STAT_KEYS}
-    out: Dict[str, float] = {}
+    """The layers' routing counts of this forward (see COUNTS; one host sync for all of them), with
+    per_expert each expert's kept tokens (_moe_load_<layer>_e<k>, sparse forwards only), the gate
+    state and moe_count = 1."""
+    device = layers[0].metadata["tokens_per_expert"].device
+    rows, loads = [], []
     for m in layers:
         md = m.metadata
-        load = md["tokens_per_expert"].float()
-        mean_load = load.mean().clamp(min=1e-9)
-        stats["moe_experts_per_token"].append(md["experts_per_token"])
-        stats["moe_dropped_pct"].append(100.0 * md["dropped_frac"])
-        stats["moe_busiest_load"].append(load.max() / mean_load)
-        stats["moe_idlest_load"].append(load.min() / mean_load)
-        stats["moe_unused_experts"].append((load == 0).sum().float())
-        stats["moe_router_entropy"].append(md["router_entropy"])
-        if per_expert and m.is_sparse:
-            share = load / load.sum().clamp(min=1)
-            for e, v in enumerate(share.tolist()):
-                out[f"moe_load_{m.layer_name}_e{e}"] = v
-    for k, v in stats.items():
-        out[k] = torch.stack([torch.as_tensor(x, dtype=torch.float) for x in v]).mean().item()
+        load = md["tokens_per_expert"].detach().float().to(device)
+        n = torch.as_tensor(md["num_tokens"], dtype=torch.float, device=device).reshape(())
+        mean = load.mean().clamp(min=1e-9)
+        rows.append(torch.stack([
+            n,
+            md["routed_per_expert"].float().to(device).sum(),
+            load.sum(),
+            torch.as_tensor(md["tokens_unserved"], dtype=torch.float, device=device).reshape(()),
+            torch.as_tensor(md["router_entropy"], dtype=torch.float, device=device).reshape(()) * n,
+            load.max() / mean * n,
+            load.min() / mean * n,
+            (load == 0).sum().float() * n,
+        ]))
+        loads.append(load if per_expert and m.is_sparse else load[:0])
+    values = torch.cat([torch.stack(rows).flatten()] + loads).tolist()
+    names = layer_names(layers)
+    keys = [f"_moe_{c}_{name}" for name in names for c in COUNTS]
+    keys += [f"_moe_load_{name}_e{e}" for name, load in zip(names, loads) for e in range(load.numel())]
+    out: Dict[str, float] = dict(zip(keys, values))
     gate_state = layers[0].gate.state_for_logging()
     for k, v in gate_state.items():
         out[f"moe_{k}"] = float(v)
@@ -123,29 +167,79 @@ def routing_summary(layers: List[MoELayer], per_expert: bool) -> Dict[str, float
     return out
 
 
+def _total(logging_outputs, key):
+    return sum(log.get(key, 0) for log in logging_outputs)
+
+
+def _summed(meters, key: str) -> float:
+    return float(meters[key].sum) if key in meters else 0.0
+
+
+def _layer_ratio(meters, name: str, layer: str) -> float:
+    num, den, scale = ROUTING_METRICS[name]
+    get = lambda c: _summed(meters, f"_moe_{c}_{layer}")  # noqa: E731
+    numerator = get("routed") - get("kept") if num == "dropped" else get(num)
+    return scale * numerator / get(den) if get(den) > 0 else 0.0
+
+
+def _mean_over_layers(name: str, layers: List[str], meters) -> float:
+    return round(sum(_layer_ratio(meters, name, layer) for layer in layers) / len(layers), 3)
+
+
+def _expert_share(layer: str, expert: int, num_experts: int, meters) -> float:
+    loads = [_summed(meters, f"_moe_load_{layer}_e{e}") for e in range(num_experts)]
+    return round(loads[expert] / sum(loads), 3) if sum(loads) > 0 else 0.0
+
+
 def reduce_moe_metrics(logging_outputs) -> None:
-    """Log the MoE keys; call before the task criterion's reduce_metrics."""
-    sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
-    inner = sum(log.get("inner_loss", 0) for log in logging_outputs)
-    gate = sum(log.get("moe_gate_loss", 0) for log in logging_outputs)
+    """Log the MoE keys; call before the task criterion's reduce_metrics.
+
+    The counts go into hidden sum meters ("_moe_...", which fairseq never shows) and the routing
+    metrics are derived from those sums when a log line is written. This works on the micro-batches'
+    logging outputs, on outputs fairseq already summed key-wise across workers, and with one call
+    per validation batch."""
+    sample_size = _total(logging_outputs, "sample_size")
+    inner = _total(logging_outputs, "inner_loss")
+    gate = _total(logging_outputs, "moe_gate_loss")
     if sample_size > 0:
         metrics.log_scalar("inner_loss", inner / sample_size / math.log(2), sample_size, round=3)
         metrics.log_scalar("moe_gate_loss", gate / sample_size / math.log(2), sample_size, round=4)
-    count = sum(log.get("moe_count", 0) for log in logging_outputs)
+    count = float(_total(logging_outputs, "moe_count"))
     if count == 0:
         return
-    keys = set()
-    for log in logging_outputs:
-        keys.update(k for k in log if k.startswith("moe_") and k not in ("moe_count", "moe_gate_loss"))
-    for k in sorted(keys):
-        total = sum(log.get(k, 0) for log in logging_outputs)
-        metrics.log_scalar(k, total / count, count, round=3)
+    keys = sorted({k for log in logging_outputs for k in log if k.startswith(("_moe_", "moe_"))})
+    layers, experts = [], {}
+    for k in keys:
+        if k.startswith("_moe_"):
+            metrics.log_scalar_sum(k, float(_total(logging_outputs, k)))
+            if k.startswith("_moe_tokens_"):
+                layers.append(k[len("_moe_tokens_"):])
+            elif k.startswith("_moe_load_"):
+                layer, e = k[len("_moe_load_"):].rsplit("_e", 1)
+                experts[layer] = max(experts.get(layer, 0), int(e) + 1)
+        elif k not in ("moe_count", "moe_gate_loss"):  # gate state: the mean over the outputs
+            metrics.log_scalar(k, float(_total(logging_outputs, k)) / count, count, round=3)
+    for name in ROUTING_METRICS:
+        metrics.log_derived(name, partial(_mean_over_layers, name, layers), priority=10)
+    for layer, num_experts in sorted(experts.items()):
+        for e in range(num_experts):
+            metrics.log_derived(f"moe_load_{layer}_e{e}", partial(_expert_share, layer, e, num_experts), priority=10)
 
 
-def log_ppl_from_inner_loss(logging_outputs) -> None:
-    """Perplexity of the task loss alone, when the loss is per token (registered before the
-    parent criterion derives it from the total loss, which would include the balance loss)."""
-    ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
-    sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
-    if sample_size > 0 and (ntokens == sample_size or "ntokens" not in logging_outputs[0]):
+def reduce_loss_and_ppl(logging_outputs, tokens_key: str = "ntokens") -> None:
+    """`loss` (task + MoE loss per sample_size, what is optimised) as fairseq's criteria log it, and
+    the perplexity of the task loss alone (`inner_loss`) per predicted token: `tokens_key` names the
+    logging-output count of those tokens ("ntokens" for language modelling, "sample_size" for the
+    masked LM, whose sample_size is its masked tokens). Like fairseq, `nll_loss` (task loss per
+    token) is logged only where sample_size is not the token count (--sentence-avg).
+    Call after reduce_moe_metrics, which logs inner_loss."""
+    loss_sum = _total(logging_outputs, "loss")
+    inner_sum = _total(logging_outputs, "inner_loss")
+    ntokens = _total(logging_outputs, tokens_key)
+    sample_size = _total(logging_outputs, "sample_size")
+    metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
+    if sample_size != ntokens:
+        metrics.log_scalar("nll_loss", inner_sum / ntokens / math.log(2), ntokens, round=3)
+        metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
+    else:
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["inner_loss"].avg))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fairseq_evomoe.evomoe.controller import DiversifyPlan, PhaseController
-from fairseq_evomoe.evomoe.diversify import SpawnSettings, spawn_experts, spawn_optimizer_state
+from fairseq_evomoe.evomoe.diversify import SpawnSettings, spawn_experts, spawn_optimizer_state, stepped_copies
 
 from moe_helpers import make_layer
 
@@ -141,3 +141,76 @@ def test_controller_spawns_exactly_once():
     ctl.before_train_step(model, Namespace(optimizer=opt), 6)  # e.g. after a resume past the spawn
     assert torch.equal(layer.experts.fc1_weight, after)
     assert "spawned" in dict(layer.named_buffers()), "the spawn is recorded in checkpoints"
+
+
+class FlatMasterOptimizer:
+    """fairseq's FP16Optimizer with flattened params, as far as the spawn sees it (that one needs
+    CUDA to build): `fp16_params` (the model's), `fp32_params` ({device index: one flat fp32
+    master}), `optimizer` (steps the master), and the copy back into the model after each step."""
+
+    def __init__(self, params):
+        self.fp16_params = list(params)
+        flat = torch.cat([p.detach().reshape(-1).float() for p in self.fp16_params])
+        self.fp32_params = {None: torch.nn.Parameter(flat)}
+        self.optimizer = torch.optim.Adam([self.fp32_params[None]], lr=1e-3)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def zero_grad(self):
+        for p in self.fp16_params:
+            p.grad = None
+
+    def step(self):
+        flat = self.fp32_params[None]
+        flat.grad = torch.cat([p.grad.reshape(-1).float() for p in self.fp16_params])
+        self.optimizer.step()
+        offset = 0
+        for p in self.fp16_params:
+            p.data.copy_(flat.data[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def fp16_optimizer(kind, params):
+    if kind == "flat":
+        return FlatMasterOptimizer(params)
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.optim import FP16Optimizer
+    from fairseq import options
+
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        "/nonexistent", "--arch", "transformer", "--task", "translation", "--optimizer", "adam", "--lr", "1e-3",
+        "--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "1"])
+    return FP16Optimizer.build_optimizer(convert_namespace_to_omegaconf(args), list(params))
+
+
+@pytest.mark.parametrize("kind", ["flat", "per_param"])
+def test_spawn_reaches_the_fp32_master_copies(kind):
+    """Under --fp16/--bf16 fairseq steps fp32 master copies and writes them back into the model:
+    the spawned weights and the fresh gate must be in those copies, or the first step undoes them."""
+    layer = diversify_layer()
+    layer.train()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    opt = fp16_optimizer(kind, params)
+    for _ in range(3):
+        opt.zero_grad()
+        opt.backward(layer(torch.randn(8, M)).pow(2).sum())
+        opt.step()
+    spawn_experts(layer, SpawnSettings("mask", 0.5, seed=1))
+    spawned = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    assert spawn_optimizer_state(layer, opt)
+    copies = dict(zip(spawned, stepped_copies(opt, params)))
+    for name, c in copies.items():
+        assert torch.equal(c.master, spawned[name]), name
+    for name in ("experts.fc1_weight", "experts.fc2_weight"):
+        assert copies[name].state  # Adam's moments: the base expert's, in every expert
+        for value in copies[name].state.values():
+            assert value[0].abs().sum() > 0 and all(torch.equal(value[e], value[0]) for e in range(1, E))
+    # one more step moves the spawned weights a little; it does not bring the old ones back
+    opt.zero_grad()
+    opt.backward(layer(torch.randn(8, M)).pow(2).sum())
+    opt.step()
+    w = layer.experts.fc1_weight.detach()
+    assert (w.abs() < 5e-3).float().mean() > 0.4  # the mask's zeros: one Adam step moves them by ~lr
+    assert (w - spawned["experts.fc1_weight"]).abs().max() < 0.01
+    assert (layer.gate.router.wg.weight.detach() - spawned["gate.router.wg.weight"]).abs().max() < 0.01

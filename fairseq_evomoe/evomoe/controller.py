@@ -43,7 +43,10 @@ class PhaseController:
         for m in due:
             spawn_experts(m, m.evomoe.spawn)
             if not spawn_optimizer_state(m, optimizer):
-                logger.warning("EvoMoE: the optimizer keeps flat parameter copies; spawned experts keep its state as is")
+                raise RuntimeError(
+                    f"EvoMoE: cannot find the copies of the MoE parameters that {type(optimizer).__name__} steps; "
+                    "the spawn would be overwritten by the next step"
+                )
         if due:
             s = due[0].evomoe.spawn
             logger.info(

@@ -9,7 +9,8 @@ Biases are copied unchanged. The gate is re-initialised. Each expert draws from 
 seeded by (--moe-seed, layer name, global expert id), so a spawn is reproducible and does not
 depend on how experts are spread over workers.
 
-Optimizer state (see `spawn_optimizer_state`): every spawned expert inherits the base expert's
+Optimizer state (see `spawn_optimizer_state`): the optimizer's own copy of the weights (fp32
+masters under --fp16/--bf16) gets the spawned ones; every spawned expert inherits the base expert's
 Adam moments (they are scaled for weights of this size, unlike zeros, which would make the first
 post-spawn steps ~sqrt(1/(1-beta2)) times too large); the gate's state is cleared, so the fresh gate
 starts with fresh moments and its own bias correction.
@@ -19,6 +20,7 @@ import logging
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 
@@ -81,30 +83,83 @@ def spawn_experts(layer: MoELayer, settings: SpawnSettings) -> None:
     layer.spawned.fill_(True)
 
 
-def torch_optimizer(optimizer):
-    """The torch optimizer inside a fairseq optimizer wrapper whose state is keyed by the model's
-    parameters, or None (fairseq's FP16Optimizer keeps flat fp32 master copies instead)."""
-    if hasattr(optimizer, "fp32_optimizer") or hasattr(optimizer, "fp32_params"):
+def torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside fairseq's optimizer wrappers (each exposes it as `.optimizer`)."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer
+    return inner
+
+
+@dataclass
+class SteppedCopy:
+    """What the optimizer steps for one model parameter: `master` (the parameter itself, or its fp32
+    master copy or a view into fairseq's flat master copy) and its state tensors of the same shape.
+    `key` is the state's own key when the parameter has one to itself, else None (flat copies)."""
+
+    master: torch.Tensor
+    state: Dict[str, torch.Tensor]
+    key: Optional[torch.Tensor]
+
+
+def stepped_copies(optimizer, params: List[torch.Tensor]) -> Optional[List[SteppedCopy]]:
+    """SteppedCopy of each of `params`: the parameters themselves for optimizers that step the
+    model's parameters (fp32, --amp, --memory-efficient-fp16/bf16), the fp32 master copies for
+    fairseq's FP16Optimizer (--fp16/--bf16: per parameter, or slices of one flat tensor per device).
+    None for an optimizer laid out otherwise."""
+    opt = torch_optimizer(optimizer)
+    stepped = {id(p) for group in opt.param_groups for p in group["params"]}
+    if all(id(p) in stepped for p in params):
+        return [SteppedCopy(p.data, _same_shape(opt.state.get(p, {}), p, slice(None)), p) for p in params]
+    fp16, fp32 = getattr(optimizer, "fp16_params", None), getattr(optimizer, "fp32_params", None)
+    if fp16 is None or fp32 is None:
         return None
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return inner if isinstance(inner, torch.optim.Optimizer) else None
+    if isinstance(fp32, dict):  # flat: each device's parameters laid end to end, in fp16_params order
+        where, offsets = {}, {}
+        for q in fp16:
+            start = offsets.get(q.device.index, 0)
+            where[id(q)] = (fp32[q.device.index], slice(start, start + q.numel()))
+            offsets[q.device.index] = start + q.numel()
+        copies = []
+        for p in params:
+            flat, span = where[id(p)]
+            state = _same_shape(opt.state.get(flat, {}), flat, span)
+            copies.append(SteppedCopy(flat.data[span].view_as(p), {k: v.view_as(p) for k, v in state.items()}, None))
+        return copies
+    index = {id(q): i for i, q in enumerate(fp16)}
+    masters = [fp32[index[id(p)]] for p in params]
+    return [SteppedCopy(m.data, _same_shape(opt.state.get(m, {}), m, slice(None)), m) for m in masters]
+
+
+def _same_shape(state: dict, param: torch.Tensor, span: slice) -> Dict[str, torch.Tensor]:
+    """The state tensors shaped like the parameter (Adam's moments; not its step count), sliced."""
+    return {k: v[span] for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape}
 
 
 def spawn_optimizer_state(layer: MoELayer, optimizer) -> bool:
-    """Give every spawned expert the base expert's optimizer moments; clear the gate's state.
+    """After `spawn_experts`: make the optimizer step from the spawned weights and the fresh gate,
+    give every spawned expert the base expert's moments, and restart the gate's.
 
-    Returns False (state left as is) when the optimizer keeps its own flat copies of the params.
+    With fp32 master copies (FP16Optimizer) the spawned weights are copied into them, or the next
+    step would write the pre-spawn weights back into the model. The gate's state is dropped where it
+    has its own (fresh moments and bias correction); in a flat master copy its moments are zeroed
+    (the step count is shared). Returns False, changing nothing, for an unknown optimizer layout.
     """
-    opt = torch_optimizer(optimizer)
-    if opt is None:
+    experts, gate = list(layer.experts.parameters()), list(layer.gate.parameters())
+    copies = stepped_copies(optimizer, experts + gate)
+    if copies is None:
         return False
-    for p in layer.experts.parameters():
-        state = opt.state.get(p)
-        if not state:
-            continue
-        for value in state.values():
-            if torch.is_tensor(value) and value.shape == p.shape:
-                value.copy_(value[0:1].expand_as(value))
-    for p in layer.gate.parameters():
-        opt.state.pop(p, None)
+    for p, c in zip(experts + gate, copies):
+        if c.master.data_ptr() != p.data_ptr():
+            c.master.copy_(p.data)
+    for c in copies[: len(experts)]:
+        for value in c.state.values():
+            value.copy_(value[0:1].expand_as(value))
+    opt = torch_optimizer(optimizer)
+    for c in copies[len(experts):]:
+        if c.key is not None:
+            opt.state.pop(c.key, None)
+        else:
+            for value in c.state.values():
+                value.zero_()
     return True

@@ -105,3 +105,4 @@ class EvoMoESchedule:
                 f"--dts-hard-update ({self.hard_update}) is not after the expert spawn at update {self.diversify_updates}: "
                 "the gate would be top-1 from the start; set a later --dts-hard-update or pass --dts-allow-hard-start"
             )
+

@@ -76,7 +76,7 @@ def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, dictionary) -> MoEL
         parallel=parallel,
     )
     if diversify_updates > 0:
-        moe.evomoe = DiversifyPlan(diversify_updates, SpawnSettings.from_args(cfg))
+        moe.set_diversify_plan(DiversifyPlan(diversify_updates, SpawnSettings.from_args(cfg)))
         parallel.share_base_expert(experts)  # before the spawn every slot holds the base expert
     return moe
 

@@ -8,6 +8,7 @@ After each forward the layer leaves `self.metadata`: its balance loss and z-loss
 graph) and routing statistics (detached tensors, no host sync), which the MoE criteria read.
 """
 
+from dataclasses import replace
 from typing import Dict, List, Optional
 
 import torch
@@ -45,6 +46,8 @@ class MoELayer(nn.Module):
         self.register_buffer("spawned", torch.tensor(not diversify))
         self._spawned_cache = None
         self.evomoe = None  # the layer's expert-diversify plan (evomoe.controller.DiversifyPlan), if any
+        # T_div of that plan (-1: none), in checkpoints, so that a resumed run spawns when it would have
+        self.register_buffer("spawn_update", torch.tensor(-1))
         self.layer_name = ""  # set by the model, used in logs
         self.metadata: Dict[str, Tensor] = {}
         # token ids [batch, time] of the current forward, set by the encoder/decoder (RoutingContext)
@@ -60,6 +63,18 @@ class MoELayer(nn.Module):
         if cached is None or cached[0] is not buf or cached[1] != buf._version:
             cached = self._spawned_cache = (buf, buf._version, bool(buf))
         return cached[2]
+
+    def set_diversify_plan(self, plan) -> None:
+        self.evomoe = plan
+        self.spawn_update.fill_(plan.updates)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        from ..evomoe.saved_schedule import saved_update_counts  # evomoe builds on this module
+
+        saved, = saved_update_counts(state_dict, prefix + "spawn_update", self.spawn_update, "T_div")
+        if self.evomoe is not None and saved >= 0:
+            self.evomoe = replace(self.evomoe, updates=saved)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_num_updates(self, num_updates: int) -> None:
         """fairseq calls this on every module before each training step and on checkpoint load.

@@ -20,13 +20,14 @@ tau and the phase come from `EvoMoESchedule` (evomoe/schedule.py), a pure functi
 counter that fairseq pushes into every module through `set_num_updates`.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
 
+from ...evomoe.saved_schedule import saved_update_counts
 from ...evomoe.schedule import EvoMoESchedule, Phase
 from .base import Routing, register_gate, router_z_loss
 from .top_k import RouterGate, gumbel_noise_like
@@ -71,7 +72,20 @@ class DenseToSparseGate(RouterGate):
         if self.max_experts < 0:
             raise ValueError(f"--dts-max-experts must be >= 0 (0 = no cap), got {self.max_experts}")
         self.schedule = EvoMoESchedule.from_args(args)
+        # in checkpoints, so that a resumed run keeps its schedule whatever its --max-update
+        self.register_buffer("schedule_updates", torch.tensor(self._counts(self.schedule)))
         self.set_num_updates(0)
+
+    @staticmethod
+    def _counts(schedule: EvoMoESchedule):
+        hard = -1 if schedule.hard_update is None else schedule.hard_update
+        return [schedule.diversify_updates, schedule.anneal_updates, hard]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        t_div, anneal, hard = saved_update_counts(state_dict, prefix + "schedule_updates", self.schedule_updates, "(T_div, D, H)")
+        self.schedule = replace(self.schedule, diversify_updates=t_div, anneal_updates=anneal, hard_update=None if hard < 0 else hard)
+        self.set_num_updates(self.num_updates)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates

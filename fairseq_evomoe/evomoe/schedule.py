@@ -105,4 +105,3 @@ class EvoMoESchedule:
                 f"--dts-hard-update ({self.hard_update}) is not after the expert spawn at update {self.diversify_updates}: "
                 "the gate would be top-1 from the start; set a later --dts-hard-update or pass --dts-allow-hard-start"
             )
-

@@ -174,14 +174,18 @@ class FlatMasterOptimizer:
 def fp16_optimizer(kind, params):
     if kind == "flat":
         return FlatMasterOptimizer(params)
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.optim import FP16Optimizer
-    from fairseq import options
+    from omegaconf import OmegaConf
 
-    args = options.parse_args_and_arch(options.get_training_parser(), [
-        "/nonexistent", "--arch", "transformer", "--task", "translation", "--optimizer", "adam", "--lr", "1e-3",
-        "--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "1"])
-    return FP16Optimizer.build_optimizer(convert_namespace_to_omegaconf(args), list(params))
+    cfg = OmegaConf.create({  # what --fp16 --fp16-no-flatten-grads --optimizer adam gives it
+        "optimizer": {"_name": "adam", "lr": [1e-3]},
+        "common": {"fp16_no_flatten_grads": True, "bf16": False, "fp16_init_scale": 1, "fp16_scale_window": None,
+                   "fp16_scale_tolerance": 0.0, "threshold_loss_scale": None, "min_loss_scale": 1e-4,
+                   "model_parallel_size": 1, "tpu": False},
+        "optimization": {"update_freq": [1]},
+        "distributed_training": {"distributed_world_size": 1},
+    })
+    return FP16Optimizer.build_optimizer(cfg, list(params))
 
 
 @pytest.mark.parametrize("kind", ["flat", "per_param"])

@@ -412,3 +412,54 @@ def test_expert_weight_gradients_reuse_memory_only_when_free():
     for got, a, b in zip(summed, grads_of(xs[2]), grads_of(xs[0])):
         torch.testing.assert_close(got, a + b)
     assert not copy.deepcopy(experts).grad_storage._kept  # a copy of the module starts empty
+
+
+def test_reused_gradients_of_experts_without_tokens_are_zero():
+    """Reused gradient memory skips rewriting slots the last backward left at zero (the
+    expert-diversify phase: every step only expert 0 has tokens). Whatever the sequence of empty
+    experts, and with gradients scaled in place between steps (clipping, loss scaling), every
+    gradient equals that of a fresh module, and each step reuses the memory."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from fairseq_evomoe.moe.experts import ExpertFFNs
+
+    torch.manual_seed(0)
+    experts = ExpertFFNs(4, 8, 16, F.relu)
+    reference = copy.deepcopy(experts)
+    ptrs = set()
+    for counts in ([5, 0, 0, 0], [5, 0, 0, 0], [2, 3, 1, 4], [0, 3, 0, 2], [0, 3, 0, 2], [6, 0, 0, 0]):
+        x = torch.randn(sum(counts), 8)
+        experts(x, counts).sum().backward()
+        reference.zero_grad(set_to_none=True)
+        reference.grad_storage = None  # fresh memory, every slot written
+        reference(x, counts).sum().backward()
+        for p, q in zip(experts.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+        ptrs.add(experts.fc1_weight.grad.data_ptr())
+        for p in experts.parameters():
+            p.grad.mul_(0.5)  # what gradient clipping does in place
+        experts.zero_grad(set_to_none=True)
+    assert len(ptrs) == 1
+
+
+def test_diversify_phase_runs_the_base_expert_through_the_expert_path():
+    """Before the spawn the layer is expert 0 as a dense FFN: same output and gradients as
+    forward_one, no gradient for the other experts."""
+    layer = make_layer("top1", num_experts=4, dim=16, ffn=32)
+    layer.spawned.fill_(False)
+    layer.train()
+    x = torch.randn(7, 16, requires_grad=True)
+    y = layer(x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = layer.experts.forward_one(ref_x, 0)
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    grads = [p.grad.clone() for p in layer.experts.parameters()]
+    layer.experts.zero_grad(set_to_none=True)
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    for g, p in zip(grads, layer.experts.parameters()):
+        torch.testing.assert_close(g, p.grad)
+        assert torch.all(g[1:] == 0)

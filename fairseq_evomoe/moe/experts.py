@@ -87,6 +87,7 @@ class ReusableGradStorage:
 
     def __init__(self):
         self._kept: Dict[str, Tensor] = {}
+        self._zero_slots: Dict[str, set] = {}  # slots of a kept tensor that the last backward left at 0
 
     def new_like(self, name: str, like: Tensor) -> Tensor:
         kept = self._kept.get(name)
@@ -99,7 +100,20 @@ class ReusableGradStorage:
         ):
             return kept.detach()  # a new tensor on the same storage, so that autograd can adopt it
         self._kept[name] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        self._zero_slots[name] = set()
         return self._kept[name].detach()
+
+    def zero_slots(self, name: str, grad: Tensor, slots: List[int]) -> None:
+        """grad[e] = 0 for the experts e in `slots` (those without tokens), skipping the ones that
+        are still 0 from the last backward: a gradient is only ever scaled in place once handed
+        out (clipping, loss scaling, all-reduce of zeros), so its zeros stay zeros. In the
+        expert-diversify phase only the base expert has tokens, and this saves writing E - 1
+        zero slots per weight every step."""
+        known = self._zero_slots.get(name, set())
+        for e in slots:
+            if e not in known:
+                grad[e].zero_()
+        self._zero_slots[name] = set(slots)
 
     @staticmethod
     def _only_holder(t: Tensor) -> bool:
@@ -113,7 +127,7 @@ class ReusableGradStorage:
         return ReusableGradStorage()
 
     def __getstate__(self):
-        return {"_kept": {}}
+        return {"_kept": {}, "_zero_slots": {}}
 
 
 class _ExpertFFNGroups(torch.autograd.Function):
@@ -149,11 +163,16 @@ class _ExpertFFNGroups(torch.autograd.Function):
         else:
             dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
         db1, db2 = w1.new_empty(w1.shape[:2]), w2.new_empty(w2.shape[:2])
+        empty = [e for e, n in enumerate(ctx.counts) if n == 0]  # experts without tokens: zero gradients
+        for name, g in (("fc1_weight", dw1), ("fc2_weight", dw2)):
+            if ctx.grad_storage is not None:
+                ctx.grad_storage.zero_slots(name, g, empty)
+            else:
+                g[empty] = 0
+        db1[empty], db2[empty] = 0, 0
         groups = zip(x.split(ctx.counts), pre.split(ctx.counts), dy.split(ctx.counts), dx.split(ctx.counts))
         for e, (xe, pe, dye, dxe) in enumerate(groups):
-            if xe.shape[0] == 0:  # an expert without tokens: zero gradients
-                for g in (dw1, dw2, db1, db2):
-                    g[e].zero_()
+            if xe.shape[0] == 0:
                 continue
             he, activation_grad = _activation_with_grad(ctx.act, pe)
             torch.mm(dye.t(), he, out=dw2[e])

@@ -5,12 +5,18 @@
    weight; the spawn is seeded by global expert id, so both workers spawn what one process would).
 2. The DTS gate with its dynamic number of experts per token runs every phase on 2 workers, and
    the checkpoint generates in one process.
+3. A checkpoint from before the spawn, written by one process, resumed on 2 workers (layer level):
+   every worker runs the checkpoint's base expert, with its optimizer moments, and a spawn right
+   after the resume gives every expert those moments.
 """
 
+import copy
+
 import pytest
+import torch
 
 from conftest import USER_DIR, json_logs, run_cli
-from test_expert_parallel import TRAIN_ARGS, _curve, _load, _torchrun
+from test_expert_parallel import TRAIN_ARGS, _curve, _load, _spawn, _torchrun
 
 DIST = ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
 
@@ -60,3 +66,61 @@ def test_dts_phases_run_on_two_workers(mt_data, tmp_path):
     gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", tmp_path / "w2" / "checkpoint_last.pt",
                   "--cpu", "--gen-subset", "test", "--max-tokens", "2000", "--beam", "2", "--max-len-b", "20")
     assert "BLEU4" in gen.stdout + gen.stderr
+
+
+def _check_resume_before_spawn(rank, world):
+    from moe_helpers import make_layer
+
+    from fairseq_evomoe.evomoe.diversify import SpawnSettings, spawn_experts, spawn_optimizer_state
+    from fairseq_evomoe.moe import expert_optimizer
+    from fairseq_evomoe.moe.layer import MoELayer
+    from fairseq_evomoe.moe.parallel import ExpertParallel
+
+    # one process in the expert-diversify phase: an Adam step trains the base expert (slot 0) only
+    ref = make_layer(gate="top1", num_experts=4, dim=8, ffn=16, seed=3)
+    ref.spawned.fill_(False)
+    ref.layer_name = "dec1"
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    ref_opt = torch.optim.Adam(list(ref.gate.parameters()) + list(ref.experts.parameters()), lr=0.01)
+    ref.dense_forward(x).pow(2).sum().backward()
+    ref_opt.step()
+    model_sd, opt_sd = copy.deepcopy(ref.state_dict()), copy.deepcopy(ref_opt.state_dict())
+
+    def resumed():  # built as build_moe_layer builds it on 2 workers, then --restore-file
+        par = ExpertParallel.from_environment(4)
+        layer = MoELayer(copy.deepcopy(ref.gate), par.localize(copy.deepcopy(ref.experts)), diversify=True,
+                         padding_idx=ref.padding_idx, parallel=par)
+        layer.layer_name = "dec1"
+        layer.load_state_dict(model_sd)
+        opt = torch.optim.Adam(list(layer.gate.parameters()) + list(layer.experts.parameters()), lr=0.01)
+        opt.load_state_dict(opt_sd)  # fairseq broadcasts the full [E, ...] state
+        return layer, opt
+
+    base_moments = {k: v[0] for k, v in ref_opt.state[ref.experts.fc1_weight].items() if k != "step"}
+
+    # resumed within the diversify phase: every worker's slots hold the base expert and its moments
+    layer, opt = resumed()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.dense_forward(x), ref.dense_forward(x))
+    assert torch.equal(layer.experts.fc1_weight, ref.experts.fc1_weight[0:1].expand_as(layer.experts.fc1_weight))
+    expert_optimizer._before_step(opt, (), {})  # what torch runs at opt.step(): keep the local slice
+    for key, want in base_moments.items():
+        got = opt.state[layer.experts.fc1_weight][key]
+        assert all(torch.equal(g, want) for g in got), key
+
+    # resumed at T_div: the evomoe task spawns before the first step, with the full state still loaded
+    layer, opt = resumed()
+    settings = SpawnSettings("mask", 0.5, seed=1)
+    spawn_experts(ref, settings)
+    assert spawn_optimizer_state(ref, ref_opt)
+    spawn_experts(layer, settings)
+    assert spawn_optimizer_state(layer, opt)
+    expert_optimizer._before_step(opt, (), {})
+    local = list(layer.parallel.local_experts)
+    torch.testing.assert_close(layer.experts.fc1_weight, ref.experts.fc1_weight[local])
+    for key in base_moments:
+        torch.testing.assert_close(opt.state[layer.experts.fc1_weight][key], ref_opt.state[ref.experts.fc1_weight][key][local])
+
+
+def test_checkpoint_from_before_the_spawn_resumes_on_two_workers():
+    _spawn(2, [("resume before the spawn", _check_resume_before_spawn)])

@@ -74,3 +74,37 @@ def test_layer_skipped_by_layerdrop_reports_nothing():
         if not any(ran):
             assert log["moe_gate_loss"] == 0
     assert len(seen) > 1  # LayerDrop did skip layers in some steps and not in others
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("decoder_layerdrop", 0.2, "--decoder-layerdrop 0.2 cannot be used with expert parallelism over 2 workers"),
+    ("encoder_layerdrop", 0.1, "--encoder-layerdrop 0.1 cannot be used with expert parallelism over 2 workers"),
+    ("optimizer", "adafactor", "--optimizer adafactor cannot be used with expert parallelism over 2 workers"),
+])
+def test_options_that_cannot_work_with_expert_parallelism_are_refused(monkeypatch, option, value, message):
+    """LayerDrop would leave workers waiting in each other's all_to_all (each draws its own drops);
+    Adafactor's factored moments would be computed on each worker's slice of the experts."""
+    from argparse import Namespace
+
+    from fairseq_evomoe.models import model_checks
+
+    args = Namespace(moe_freq=2, encoder_layerdrop=0.0, decoder_layerdrop=0.0, optimizer="adam")
+    model_checks.check_expert_parallel_options(args)  # one process: nothing to check
+    monkeypatch.setattr(model_checks, "distributed_world", lambda: (2, 0))
+    model_checks.check_expert_parallel_options(args)  # fine on 2 workers
+    setattr(args, option, value)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        model_checks.check_expert_parallel_options(args)
+    args.moe_freq = 0  # a dense model has no expert parallelism
+    model_checks.check_expert_parallel_options(args)
+
+
+def test_torchrun_entry_point_keeps_the_users_options():
+    from fairseq_evomoe.distributed.train import torchrun_args
+
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "LOCAL_RANK": "1"}
+    out = torchrun_args(["DATA", "--device-id", "0", "--distributed-world-size=2"], env)
+    assert out.count("--device-id") == 1 and out[out.index("--device-id") + 1] == "0"
+    assert not any(a.startswith("--distributed-world-size ") or a == "--distributed-world-size" for a in out)
+    assert out[out.index("--distributed-rank") + 1] == "1" and "--distributed-no-spawn" in out
+    assert torchrun_args(["DATA"], {}) == ["DATA"]  # without torchrun's environment: unchanged

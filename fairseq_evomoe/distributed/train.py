@@ -23,13 +23,18 @@ def torchrun_args(argv: List[str], env=os.environ) -> List[str]:
         return list(argv)
     if any(a.startswith("--distributed-init-method") for a in argv):
         return list(argv)
-    extra = [
-        "--distributed-init-method", "env://",
-        "--distributed-world-size", env["WORLD_SIZE"],
-        "--distributed-rank", env["RANK"],
-        "--distributed-no-spawn",
-        "--device-id", env.get("LOCAL_RANK", "0"),
+    generated = [
+        ("--distributed-init-method", "env://"),
+        ("--distributed-world-size", env["WORLD_SIZE"]),
+        ("--distributed-rank", env["RANK"]),
+        ("--distributed-no-spawn", None),
+        ("--device-id", env.get("LOCAL_RANK", "0")),
     ]
+    given = lambda option: any(a == option or a.startswith(option + "=") for a in argv)  # noqa: E731
+    extra = []
+    for option, value in generated:
+        if not given(option):  # an option on the command line wins
+            extra += [option] if value is None else [option, value]
     return list(argv) + extra
 
 

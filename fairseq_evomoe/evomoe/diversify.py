@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..moe.expert_optimizer import keep_local_slice
 from ..moe.layer import MoELayer
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,10 @@ def spawn_optimizer_state(layer: MoELayer, optimizer) -> bool:
     (the step count is shared). Returns False, changing nothing, for an unknown optimizer layout.
     """
     experts, gate = list(layer.experts.parameters()), list(layer.gate.parameters())
+    for p in experts:  # state just loaded from a checkpoint holds all E experts until the next step
+        par = getattr(p, "expert_parallel", None)
+        if par is not None and par.is_distributed:
+            keep_local_slice(torch_optimizer(optimizer), p)
     copies = stepped_copies(optimizer, experts + gate)
     if copies is None:
         return False

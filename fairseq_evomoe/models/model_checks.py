@@ -5,10 +5,12 @@ import logging
 
 from ..evomoe.options import validate_spawn_options
 from ..evomoe.schedule import resolve_updates
+from ..moe.parallel import distributed_world
 
 
 def check_model_against_task(args, task) -> None:
     validate_spawn_options(args)
+    check_expert_parallel_options(args)
     diversify = resolve_updates(args.evomoe_diversify_updates, getattr(args, "max_update", 0) or 0, "--evomoe-diversify-updates")
     if diversify > 0 and not getattr(task, "drives_evomoe_phases", False):
         # generation and evaluation load EvoMoE checkpoints with plain tasks, so this is no error
@@ -21,6 +23,29 @@ def check_model_against_task(args, task) -> None:
     if diversify > 0 and max_update and diversify >= max_update:
         raise ValueError(
             f"--evomoe-diversify-updates ({diversify}) must be below --max-update ({max_update}): the experts would never be spawned"
+        )
+
+
+def check_expert_parallel_options(args) -> None:
+    """Options that cannot work with expert parallelism (torch.distributed with W > 1 workers)."""
+    world = distributed_world()
+    if world is None or world[0] == 1 or not args.moe_freq:
+        return
+    for option in ("encoder_layerdrop", "decoder_layerdrop"):
+        value = getattr(args, option, 0) or 0
+        if value > 0:
+            raise ValueError(
+                f"--{option.replace('_', '-')} {value} cannot be used with expert parallelism over {world[0]} workers "
+                "(each worker draws its own layers to drop, and one that skips an MoE layer leaves the others "
+                "waiting in its all_to_all); use 0, or train on one worker"
+            )
+    optimizer = getattr(args, "optimizer", None)
+    name = optimizer if isinstance(optimizer, str) or optimizer is None else getattr(optimizer, "_name", None)
+    if name == "adafactor":
+        raise ValueError(
+            f"--optimizer adafactor cannot be used with expert parallelism over {world[0]} workers: its factored "
+            "second moments and per-tensor update scaling would be computed on each worker's slice of the experts "
+            "(neither the updates nor the saved state would match one process); use adam, or train on one worker"
         )
 
 

@@ -112,15 +112,16 @@ def _before_step(optimizer, args, kwargs) -> None:
             optimizer.consolidate_state_dict = types.MethodType(consolidate_state_dict, optimizer)
             optimizer.register_state_dict_post_hook(_save_full_state)
     for _, p in experts:
-        _keep_local_slice(optimizer, p)
+        keep_local_slice(optimizer, p)
 
 
 def _is_per_expert(value, p) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == p.dim() and value.shape[1:] == p.shape[1:]
 
 
-def _keep_local_slice(optimizer, p) -> None:
-    """State loaded from a checkpoint holds all E experts: keep this worker's."""
+def keep_local_slice(optimizer, p) -> None:
+    """State loaded from a checkpoint holds all E experts: keep this worker's (before the EvoMoE
+    spawn, global expert 0's in every slot, as for the weights: expert_checkpoint)."""
     par = p.expert_parallel
     state = optimizer.state.get(p)
     if not state:
@@ -134,8 +135,11 @@ def _keep_local_slice(optimizer, p) -> None:
                 f"{par.num_experts} (this worker holds {p.shape[0]}); check --moe-expert-count, or resume "
                 "with --reset-optimizer"
             )
-        lo = par.first_local_expert
-        state[key] = value[lo : lo + par.num_local_experts].clone()
+        if par.loaded_before_spawn:
+            state[key] = value[0:1].expand(par.num_local_experts, *value.shape[1:]).clone()
+        else:
+            lo = par.first_local_expert
+            state[key] = value[lo : lo + par.num_local_experts].clone()
 
 
 @torch.no_grad()

@@ -71,6 +71,9 @@ class MoELayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         from ..evomoe.saved_schedule import saved_update_counts  # evomoe builds on this module
 
+        spawned = state_dict.get(prefix + "spawned")
+        # expert parallelism: before the spawn every worker's slots take the base expert (global 0)
+        self.parallel.loaded_before_spawn = spawned is not None and not bool(spawned)
         saved, = saved_update_counts(state_dict, prefix + "spawn_update", self.spawn_update, "T_div")
         if self.evomoe is not None and saved >= 0:
             self.evomoe = replace(self.evomoe, updates=saved)

@@ -125,6 +125,9 @@ class ExpertParallel:
         self.rank = rank
         self.group = group  # token exchange group (None = the default world group)
         self.replica_group = replica_group  # None = the world (used only when replicas > 1)
+        # set by the last checkpoint load: the layer was not spawned yet, so every local slot takes
+        # global expert 0's weights and optimizer state (expert_checkpoint, expert_optimizer)
+        self.loaded_before_spawn = False
 
     # -- construction ------------------------------------------------------------------------
 

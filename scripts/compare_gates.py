@@ -18,7 +18,12 @@ wall-clock, and the mean number of experts per token over training.
 
 Default: 7 gates x 3 seeds x 2 tasks, tiny models, 200 updates of 1,536 tokens: measured 54 minutes
 on a 2-core CPU machine with --jobs 2 (two runs at a time, 1 thread each).
-Runs are resumable: a finished run (its result.json) is not trained again.
+Runs are resumable: a finished run (its result.json) is not trained again when it was made with the
+same settings (everything these options feed into its data and training, and the fairseq-train
+command itself, recorded in result.json). A run made with other settings, or retrained with --force, is moved aside to
+<work dir>/<task>/<gate>/seed<k>.previous-<time> and trained again; the output says so. Prepared data
+goes to <work dir>/data/<corpus>_spm<V>[_<N>l_<M>e] with its settings in settings.json; data prepared
+with other settings is never reused (a new folder <name>-2, -3, ... is prepared instead).
 
   python scripts/compare_gates.py --jobs 2                         # the default comparison
   python scripts/compare_gates.py --tasks lm --gates switch,evomoe --seeds 1 --updates 20   # smoke
@@ -26,8 +31,8 @@ Runs are resumable: a finished run (its result.json) is not trained again.
 """
 
 import argparse
+import itertools
 import json
-import math
 import os
 import shlex
 import statistics
@@ -90,41 +95,126 @@ def gate_options(gate, task):
     return task_name, args
 
 
+def gate_options_for(a, gate, task):
+    """gate_options with this invocation's EvoMoE choices (--spawn-mode, --tau-schedule) filled in."""
+    task_name, args = gate_options(gate, task)
+    for flag, val in (("--evomoe-spawn-mode", a.spawn_mode), ("--dts-tau-schedule", a.tau_schedule)):
+        if flag in args:
+            args[args.index(flag) + 1] = val
+    return task_name, args
+
+
+def describe_changes(old, new, prefix=""):
+    """Human-readable differences between two settings dicts, e.g. ["updates 20 -> 200"]."""
+    out = []
+    old = old if isinstance(old, dict) else {}
+    for k in list(new) + [k for k in old if k not in new]:
+        o, n = old.get(k), new.get(k)
+        if o == n:
+            continue
+        if isinstance(o, dict) and isinstance(n, dict):
+            out += describe_changes(o, n, f"{prefix}{k}.")
+        elif isinstance(o, (list, dict)) or isinstance(n, (list, dict)):
+            out.append(f"{prefix}{k} changed")
+        else:
+            out.append(f"{prefix}{k} {o} -> {n}")
+    return out
+
+
+def move_aside(path):
+    """Rename `path` to a sibling <name>.previous-<time>[-n] that does not exist yet; returns it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        dest = path.with_name(f"{path.name}.previous-{stamp}" + (f"-{n}" if n > 1 else ""))
+        if not dest.exists():
+            path.rename(dest)
+            return dest
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 DATA_JOBS = {
     "lm": ("prepare_wikitext.sh", "wikitext-2", "bin/train.bin"),
     "mt": ("prepare_multi30k.sh", "multi30k_de_en", "bin/train.de-en.de.bin"),
 }
 
 
+DATA_SETTINGS = "settings.json"  # in every prepared data folder: {"settings": {...}, "complete": bool}
+
+
+def data_settings(a, task):
+    """Everything that decides a task's prepared data."""
+    script, corpus, _ = DATA_JOBS[task]
+    return {
+        "corpus": corpus, "script": script, "data_dir": str(a.data_dir) if a.data_dir else None,
+        "spm_vocab": a.spm_vocab, "train_lines": a.train_lines or "all",
+        "eval_lines": a.eval_lines if a.train_lines else "all",
+    }
+
+
+def locate_data(a, task):
+    """(folder, ready, notes): the data folder for this invocation's settings. The name carries the
+    vocabulary and line counts; the folder's settings.json must match all settings to be used. A
+    folder prepared with other or unknown settings is left alone and the next free <name>-<n> is
+    taken. ready: prepared completely with these settings. No side effects (also used by --dry-run)."""
+    want = data_settings(a, task)
+    name = f"{DATA_JOBS[task][1]}_spm{a.spm_vocab}" + (f"_{a.train_lines}l_{a.eval_lines}e" if a.train_lines else "")
+    base = a.work_dir / "data" / name
+    notes = []
+    for n in itertools.count(1):
+        dest = base if n == 1 else base.with_name(f"{name}-{n}")
+        if not dest.exists() or (dest.is_dir() and not any(dest.iterdir())):
+            return dest, False, notes
+        have = _read_json(dest / DATA_SETTINGS)
+        if isinstance(have, dict) and have.get("settings") == want:
+            return dest, bool(have.get("complete")) and (dest / DATA_JOBS[task][2]).is_file(), notes
+        why = ("other settings (" + ", ".join(describe_changes(have.get("settings"), want)) + ")"
+               if isinstance(have, dict) else f"unknown settings (no {DATA_SETTINGS})")
+        notes.append(f"{dest} holds data prepared with {why}: left as it is, not used")
+
+
 def data_dirs(a):
-    suffix = f"_{a.train_lines}l" if a.train_lines else ""
-    return {t: a.work_dir / "data" / (DATA_JOBS[t][1] + suffix) for t in a.tasks}
+    return {t: locate_data(a, t)[0] for t in a.tasks}
 
 
 def prepare_data(a, env):
-    """Binarize WikiText-2 and Multi30k once (sentencepiece, small vocabulary for CPU speed)."""
-    out = data_dirs(a)
-    for task, dest in out.items():
-        script, _, marker = DATA_JOBS[task]
-        if (dest / marker).is_file():
+    """Binarize WikiText-2 and Multi30k once per setting (sentencepiece, small vocabulary for CPU speed)."""
+    out = {}
+    for task in a.tasks:
+        dest, ready, notes = locate_data(a, task)
+        for note in notes:
+            log(f"data: {note}")
+        out[task] = dest
+        if ready:
+            log(f"data: {task} prepared earlier with these settings: {dest}")
             continue
+        script = DATA_JOBS[task][0]
         cmd = ["bash", str(SCRIPTS / script), "--out-dir", str(dest), "--spm-vocab", str(a.spm_vocab)]
         if a.data_dir:
             cmd += ["--data-dir", str(a.data_dir)]
         if a.train_lines:
             cmd += ["--train-lines", str(a.train_lines), "--valid-lines", str(a.eval_lines), "--test-lines", str(a.eval_lines)]
         dest.mkdir(parents=True, exist_ok=True)
+        settings = {"settings": data_settings(a, task), "complete": False}
+        (dest / DATA_SETTINGS).write_text(json.dumps(settings, indent=1))
         log(f"preparing data: {script} -> {dest} (log: {dest / 'prepare.log'})")
         try:
             _run(cmd, dest / "prepare.log", env)
         except RuntimeError as e:
             raise SystemExit(f"data preparation failed: {e}")
+        settings["complete"] = True
+        (dest / DATA_SETTINGS).write_text(json.dumps(settings, indent=1))
     return out
 
 
 def train_command(a, task, gate, seed, data, run_dir):
     layers, dim, ffn, heads = SIZES[a.size]
-    task_name, gate_args = gate_options(gate, task)
+    task_name, gate_args = gate_options_for(a, gate, task)
     n = a.updates
     common = [
         fairseq_tool("fairseq-train"), str(data / "bin"), "--user-dir", str(REPO / "fairseq_evomoe"),
@@ -172,7 +262,7 @@ def final_checkpoint(run_dir):
 
 def evaluate(a, task, gate, data, run_dir, env):
     ck = final_checkpoint(run_dir)
-    task_args = ["--task", gate_options(gate, task)[0]]  # saves the scripts reading it from the checkpoint
+    task_args = ["--task", gate_options_for(a, gate, task)[0]]  # saves the scripts reading it from the checkpoint
     ev = run_dir / "eval"
     if task == "lm":
         cmd = ["bash", str(SCRIPTS / "evaluate_lm.sh"), "--data-bin", str(data / "bin"), "--checkpoint", str(ck),
@@ -225,16 +315,59 @@ def updates_to_reach(xs, ys, target):
     return None
 
 
+def run_settings(a, task, gate, seed, data, run_dir):
+    """Everything that decides a run's result: stored in result.json; a result is reused only when
+    its settings equal these (the training command too, with paths replaced by placeholders)."""
+    task_name, gate_args = gate_options_for(a, gate, task)
+    s = {
+        "task": task, "gate": gate, "seed": seed, "updates": a.updates, "size": a.size, "experts": a.experts,
+        "max_tokens": a.max_tokens, "lr": a.lr, "balance_wt": a.balance_wt, "validations": a.validations,
+        "max_valid_steps": a.max_valid_steps, "device": "gpu" if a.gpu else "cpu", "fairseq_task": task_name,
+        "gate_options": gate_args, "data": data_settings(a, task),
+    }
+    if task == "lm":
+        s["tokens_per_sample"] = a.tokens_per_sample
+    cmd = train_command(a, task, gate, seed, data, run_dir)
+    subs = [(str(run_dir), "<run>"), (str(data), "<data>"), (str(REPO), "<repo>")]
+    norm = ["fairseq-train"]
+    for c in cmd[1:]:
+        for old, new in subs:
+            c = c.replace(old, new)
+        norm.append(c)
+    s["train_command"] = norm
+    return s
+
+
 def run_one(a, task, gate, seed, data, env, idx, total):
     run_dir = a.work_dir / task / gate / f"seed{seed}"
     result_file = run_dir / "result.json"
+    started_file = run_dir / "settings.json"  # written before training: what a crashed run was started with
     tag = f"[{idx}/{total}] {task} {gate} seed {seed}"
-    if result_file.is_file() and not a.force:
-        log(f"{tag}: done earlier ({result_file})")
-        return json.loads(result_file.read_text())
+    settings = run_settings(a, task, gate, seed, data, run_dir)
+    if result_file.is_file():
+        have = _read_json(result_file)
+        old = have.get("settings") if isinstance(have, dict) else None
+        if old == settings and not a.force:
+            log(f"{tag}: done earlier with the same settings ({result_file})")
+            return have
+        if old == settings:
+            why = "--force"
+        elif old is None:
+            why = "its result.json does not record the settings it was made with"
+        else:
+            changes = [c for c in describe_changes(old, settings) if c != "train_command changed"]
+            why = "settings changed: " + ", ".join(changes or ["the fairseq-train command"])
+        prev = move_aside(run_dir)
+        log(f"{tag}: {why}; the earlier run was moved to {prev}; training again")
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        if _read_json(started_file) == settings:
+            for stale in (run_dir / "train.log", run_dir / "ckpt" / "checkpoint_last.pt"):
+                stale.unlink(missing_ok=True)  # a crashed run starts over, not from a half-written state
+        else:
+            prev = move_aside(run_dir)
+            log(f"{tag}: an unfinished run with other or unknown settings was moved to {prev}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (run_dir / "train.log", run_dir / "ckpt" / "checkpoint_last.pt"):
-        stale.unlink(missing_ok=True)  # a crashed run starts over, not from a half-written state
+    started_file.write_text(json.dumps(settings, indent=1))
     cmd = train_command(a, task, gate, seed, data, run_dir)
     log(f"{tag}: training {a.updates} updates ...")
     t0 = time.time()
@@ -250,6 +383,7 @@ def run_one(a, task, gate, seed, data, env, idx, total):
     t1 = time.time()
     res.update(evaluate(a, task, gate, data, run_dir, env))
     res["eval_wall_s"] = time.time() - t1
+    res["settings"] = settings
     result_file.write_text(json.dumps(res, indent=1))
     metric = f"valid ppl {res['ppl']:.2f}" if task == "lm" else f"test BLEU {res['bleu']:.2f}"
     log(f"{tag}: {metric}, final valid loss {res['final_valid_loss']:.3f}, train {wall:.0f} s, eval {res['eval_wall_s']:.0f} s")
@@ -406,7 +540,8 @@ def parse_args(argv=None):
     p.add_argument("--train-lines", type=int, default=0, help="use only the first N training lines/pairs of each "
                    "corpus (smoke tests; default: all)")
     p.add_argument("--eval-lines", type=int, default=200, help="with --train-lines: valid/test lines kept (default 200)")
-    p.add_argument("--data-dir", default=None, help="shipped corpora (default: $EVOMOE_DATA or ../shared/data)")
+    p.add_argument("--data-dir", default=None, help="shipped corpora (default: $EVOMOE_DATA or ../shared/data "
+                   "when present)")
     p.add_argument("--work-dir", default="runs/compare_gates", help="runs, checkpoints, logs (default runs/compare_gates)")
     p.add_argument("--results", default="docs/results.md", help="Markdown report (default docs/results.md); plots "
                    "go to <results stem>_plots/ next to it")
@@ -416,7 +551,8 @@ def parse_args(argv=None):
                    "is measured under that sharing")
     p.add_argument("--threads", type=int, default=0, help="torch/OMP threads per run (default: all cores / --jobs)")
     p.add_argument("--gpu", action="store_true", help="train on the GPU (default: CPU)")
-    p.add_argument("--force", action="store_true", help="retrain runs that already have a result")
+    p.add_argument("--force", action="store_true", help="retrain runs that already have a result (the earlier run is "
+                   "moved to seed<k>.previous-<time>, not deleted)")
     p.add_argument("--dry-run", action="store_true", help="print the training commands and exit")
     a = p.parse_args(argv)
     a.tasks = [t for t in a.tasks.split(",") if t]
@@ -439,7 +575,16 @@ def parse_args(argv=None):
         p.error(f"--jobs must be >= 1, got {a.jobs}")
     if a.validations < 1 or a.max_valid_steps < 1:
         p.error("--validations and --max-valid-steps must be >= 1")
+    # every path absolute now: the subprocesses run in the repository root, not in the caller's folder
+    if a.data_dir:
+        if not Path(a.data_dir).is_dir():
+            p.error(f"--data-dir {a.data_dir} is not a folder (it should hold wikitext-2/ and multi30k/)")
+        a.data_dir = Path(a.data_dir).resolve()
+    else:
+        default = os.environ.get("EVOMOE_DATA") or str(REPO.parent / "shared" / "data")
+        a.data_dir = Path(default).resolve() if Path(default).is_dir() else None
     a.work_dir = Path(a.work_dir).resolve()
+    a.results = str(Path(a.results).resolve())
     return a
 
 
@@ -450,18 +595,6 @@ def main(argv=None):
     a.threads = a.threads or (0 if a.gpu or a.jobs == 1 else max(1, (os.cpu_count() or 1) // a.jobs))
     if a.threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(a.threads)
-    # the EvoMoE choices go through the gate config's options; override spawn mode / schedule here
-    global gate_options
-    base_gate_options = gate_options
-
-    def gate_options_with_overrides(gate, task):
-        task_name, args = base_gate_options(gate, task)
-        for flag, val in (("--evomoe-spawn-mode", a.spawn_mode), ("--dts-tau-schedule", a.tau_schedule)):
-            if flag in args:
-                args[args.index(flag) + 1] = val
-        return task_name, args
-
-    gate_options = gate_options_with_overrides
     jobs = [(t, g, s) for t in a.tasks for g in a.gates for s in a.seeds]
     if a.dry_run:
         for t, g, s in jobs:

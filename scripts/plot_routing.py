@@ -2,7 +2,8 @@
 """Plot routing and validation curves from fairseq JSON training logs (`--log-format json`).
 
 Reads the stdout of fairseq-train / fairseq-hydra-train or a `--log-file`; each run is NAME=PATH
-(or just PATH: the name is then the file's parent folder). Writes PNGs:
+(split at the first '=', so paths may contain '=') or just PATH (the name is then the file's parent
+folder; a positional argument that is an existing file is always a plain path). Writes PNGs:
 
   routing.png            mean experts per token and DTS temperature against updates (all runs),
                          with the EvoMoE phases shaded for the first run that logs them
@@ -229,25 +230,36 @@ def make_plots(runs, out_dir):
     return [p for p in written if p]
 
 
+def parse_spec(spec, positional=False):
+    """(name, path) of a run given as NAME=PATH or PATH. NAME=PATH splits at the first '=', so the path
+    may contain '=' (runs/lr=0.002/train.log); a spec that is itself an existing file is a plain path
+    (always for positional arguments; for --run when NAME=PATH does not name a file). name is "" for a
+    plain path."""
+    name, eq, path = spec.partition("=")
+    if not eq or (Path(spec).is_file() and (positional or not Path(path).is_file())):
+        return "", Path(spec)
+    return name, Path(path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", default=[], metavar="NAME=LOG", help="a run's JSON log (repeatable)")
-    p.add_argument("logs", nargs="*", help="more logs; named after their folder")
+    p.add_argument("--run", action="append", default=[], metavar="NAME=LOG", help="a run's JSON log (repeatable); "
+                   "NAME is everything before the first '=' (the path may contain '='); a bare LOG is named after its folder")
+    p.add_argument("logs", nargs="*", help="more logs (LOG or NAME=LOG); named after their folder")
     p.add_argument("--out-dir", required=True, help="where the PNGs go")
     a = p.parse_args(argv)
-    specs = list(a.run) + list(a.logs)
+    specs = [("--run", s) for s in a.run] + [("log", s) for s in a.logs]
     if not specs:
         p.error("give at least one log with --run NAME=LOG or as a positional argument")
     runs = {}
-    for spec in specs:
-        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        path = Path(path)
+    for kind, spec in specs:
+        name, path = parse_spec(spec, positional=(kind == "log"))
         if not path.is_file():
-            p.error(f"--run {spec}: log file {path} does not exist")
+            p.error(f"{kind} {spec}: log file {path} does not exist")
         name = name or path.parent.name or path.stem
         log = parse_log(path)
         if not log["train"] and not log["valid"]:
-            p.error(f"--run {spec}: no JSON training records in {path} (train with --log-format json)")
+            p.error(f"{kind} {spec}: no JSON training records in {path} (train with --log-format json)")
         runs[name] = log
         print(f"{name}: {len(log['train'])} training and {len(log['valid'])} validation records from {path}")
     for f in make_plots(runs, a.out_dir):

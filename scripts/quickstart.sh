@@ -26,6 +26,11 @@ Options:
   --spawn-mode M      EvoMoE spawn mode: mask, reinit, noise, copy (default mask)
   --threads N         CPU threads (default: all cores)
   -h, --help          this message
+
+Running it again is safe: the prepared data is reused only when it was made with the same
+--data-dir / --train-lines / --eval-lines (OUT/data/settings.txt), otherwise the old folder is moved
+to OUT/data.previous-<time> and the data prepared again; checkpoints of an earlier run are never
+deleted: OUT/checkpoints (with its train.log / train.out) is moved to OUT/checkpoints.previous-<time>.
 USAGE
 }
 
@@ -46,21 +51,61 @@ done
 [[ "$UPDATES" -ge 20 ]] || die "--updates must be at least 20 (the run needs room for every phase), got $UPDATES"
 [[ "$SPAWN" =~ ^(mask|reinit|noise|copy)$ ]] || die "--spawn-mode must be mask, reinit, noise or copy, got '$SPAWN'"
 [[ -n "$DATA_DIR" ]] || die "no data folder: pass --data-dir (the folder holding wikitext-2/) or set EVOMOE_DATA"
+[[ -d "$DATA_DIR" ]] || die "--data-dir (or EVOMOE_DATA) $DATA_DIR is not a folder (it should hold wikitext-2/)"
+DATA_DIR="$(cd "$DATA_DIR" && pwd)"
 [[ -n "$THREADS" ]] && export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 T0=$(date +%s)
+STAMP="$(date +%Y%m%d-%H%M%S)"
 
+# move_aside PATH: rename PATH to a sibling PATH.previous-<time> that does not exist yet (never delete
+# what an earlier run saved); prints the new name
+move_aside() {
+  local dest="$1.previous-$STAMP" n=1
+  while [[ -e "$dest" ]]; do n=$((n + 1)); dest="$1.previous-$STAMP-$n"; done
+  mv "$1" "$dest"
+  echo "$dest"
+}
+
+# everything that decides the prepared data; the data folder is reused only when it matches
+DATA_SETTINGS="data_dir=$DATA_DIR
+train_lines=$TRAIN_LINES
+eval_lines=$EVAL_LINES
+spm_vocab=4000"
 step "[1/4] data: WikiText-2 -> $OUT/data"
+PREPARE=1
 if [[ -f "$OUT/data/bin/train.bin" ]]; then
-  echo "  already prepared" >&2
-else
+  if [[ -f "$OUT/data/settings.txt" && "$(cat "$OUT/data/settings.txt")" == "$DATA_SETTINGS" ]]; then
+    echo "  already prepared with these settings ($OUT/data/settings.txt)" >&2
+    PREPARE=0
+  else
+    if [[ -f "$OUT/data/settings.txt" ]]; then
+      echo "  $OUT/data was prepared with other settings ($(paste -sd' ' "$OUT/data/settings.txt"))" >&2
+    else
+      echo "  $OUT/data was prepared with unknown settings (no settings.txt)" >&2
+    fi
+    echo "  -> moved to $(move_aside "$OUT/data"); preparing again with $(paste -sd' ' <<< "$DATA_SETTINGS")" >&2
+  fi
+fi
+if [[ "$PREPARE" == 1 ]]; then
+  rm -f "$OUT/data/settings.txt"  # written once the preparation succeeded
   bash "$SCRIPTS_DIR/prepare_wikitext.sh" --data-dir "$DATA_DIR" --out-dir "$OUT/data" --spm-vocab 4000 \
     --train-lines "$TRAIN_LINES" --valid-lines "$EVAL_LINES" --test-lines "$EVAL_LINES" >/dev/null
+  printf '%s\n' "$DATA_SETTINGS" > "$OUT/data/settings.txt"
 fi
 
 step "[2/4] train a tiny EvoMoE GPT for $UPDATES updates (spawn mode $SPAWN) -> $OUT/checkpoints"
-rm -rf "$OUT/checkpoints" "$OUT/train.log"
+# fairseq-train would resume from (and overwrite) an earlier run's checkpoint: move it aside with its logs
+if [[ -d "$OUT/checkpoints" && -n "$(ls -A "$OUT/checkpoints")" ]]; then
+  PREV="$(move_aside "$OUT/checkpoints")"
+  for f in train.log train.out; do
+    if [[ -e "$OUT/$f" && ! -e "$PREV/$f" ]]; then mv "$OUT/$f" "$PREV/$f"
+    elif [[ -e "$OUT/$f" ]]; then move_aside "$OUT/$f" >/dev/null; fi
+  done
+  echo "  the earlier checkpoints (and their train.log / train.out) were moved to $PREV" >&2
+fi
+rm -f "$OUT/train.log"  # the log of a run that saved no checkpoint (fairseq appends to --log-file)
 "$(fairseq_tool fairseq-train)" "$OUT/data/bin" --user-dir "$USER_DIR" \
   --task evomoe_language_modeling --arch transformer_lm_evomoe_tiny --moe-freq 1 --moe-expert-count 4 \
   --evomoe-spawn-mode "$SPAWN" --share-decoder-input-output-embed \

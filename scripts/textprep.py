@@ -15,7 +15,6 @@ Everything is plain Python + sentencepiece; nothing is downloaded here.
 
 import argparse
 import gzip
-import html
 import itertools
 import re
 import sys

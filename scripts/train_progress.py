@@ -23,14 +23,26 @@ def fmt(rec, keys):
     return ", ".join(parts)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--total", type=int, required=True, help="--max-update of the run")
-    a = p.parse_args()
-    bar = tqdm(total=a.total, desc="training", unit="upd", file=sys.stderr, dynamic_ncols=True)
+def updates_of(rec):
+    """The update count a fairseq JSON record reports: train_inner lines log num_updates, epoch
+    summaries train_num_updates, validations valid_num_updates (None for other records)."""
+    for k in ("num_updates", "train_num_updates", "valid_num_updates"):
+        if k in rec:
+            try:
+                return int(float(rec[k]))
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def follow(lines, total, err=sys.stderr):
+    """Show the progress of fairseq-train's output `lines`; returns (last update seen, finished),
+    finished being True once fairseq printed its "done training" line."""
+    bar = tqdm(total=total, desc="training", unit="upd", file=err, dynamic_ncols=True)
     done = 0
+    finished = False
     tail = []
-    for line in sys.stdin:
+    for line in lines:
         tail = (tail + [line])[-30:]
         i = line.find("{")
         rec = None
@@ -39,10 +51,14 @@ def main():
                 rec = json.loads(line[i:])
             except ValueError:
                 rec = None
+        if isinstance(rec, dict):
+            # progress from every record that carries an update count: train_inner lines come only
+            # every --log-interval updates, epoch summaries and validations also at the end
+            n = updates_of(rec)
+            if n is not None and n > done:
+                bar.update(n - done)
+                done = n
         if isinstance(rec, dict) and "num_updates" in rec and "loss" in rec:
-            n = int(float(rec["num_updates"]))
-            bar.update(max(0, n - done))
-            done = max(done, n)
             post = {"loss": rec.get("inner_loss", rec["loss"])}
             if "moe_phase" in rec:
                 post["phase"] = PHASE.get(int(round(float(rec["moe_phase"]))), rec["moe_phase"])
@@ -55,12 +71,25 @@ def main():
             bar.write("  validation at update {}: {}".format(
                 rec.get("valid_num_updates", "?"),
                 fmt(rec, [("valid_inner_loss", "loss"), ("valid_ppl", "ppl"), ("valid_moe_experts_per_token", "experts/token")]),
-            ), file=sys.stderr)
+            ), file=err)
         elif "EvoMoE phase" in line or "EvoMoE:" in line or "Traceback" in line or "Error" in line or "done training" in line:
-            bar.write("  " + line.rstrip().split(" | ")[-1], file=sys.stderr)
+            bar.write("  " + line.rstrip().split(" | ")[-1], file=err)
+            if "done training" in line:
+                finished = True
     bar.close()
-    if done < a.total:
-        sys.stderr.write("training stopped at update %d of %d; last output:\n%s" % (done, a.total, "".join(tail)))
+    if finished:
+        if done < total:  # e.g. --max-epoch ended the run first: finished, not stopped
+            err.write("training finished at update %d of the %d planned\n" % (done, total))
+    elif done < total:
+        err.write("training stopped at update %d of %d; last output:\n%s" % (done, total, "".join(tail)))
+    return done, finished
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--total", type=int, required=True, help="--max-update of the run")
+    a = p.parse_args()
+    follow(sys.stdin, a.total)
 
 
 if __name__ == "__main__":

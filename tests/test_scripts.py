@@ -183,3 +183,202 @@ def test_bench_moe_layer_prints_a_row_per_setting():
         assert "index / grouped_mm index" in row and "index / fresh_grads index" in row
     bad = sh("bench_moe_layer.py", "--compare", "bogus", check=False)
     assert bad.returncode == 2 and "--compare" in bad.stderr and "fresh_grads" in bad.stderr
+
+
+# ------------------------------------------------------------------ reruns, settings, paths (fast; stubbed tools)
+
+def _import_script(name):
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def _fake_compare_tools(cg, monkeypatch):
+    """compare_gates without fairseq: data preparation writes the marker file, training writes a log
+    with validations and a checkpoint, evaluation and plots are skipped. Returns the training calls."""
+    calls = []
+
+    def fake_run(cmd, out_file, env):
+        Path(out_file).write_text("$ " + " ".join(cmd) + "\n")
+        if cmd[0] == "bash":  # prepare_*.sh
+            dest = Path(cmd[cmd.index("--out-dir") + 1])
+            (dest / "bin").mkdir(parents=True, exist_ok=True)
+            (dest / "bin" / "train.bin").write_text(" ".join(cmd))
+            calls.append(("prepare", cmd))
+            return
+        n = int(cmd[cmd.index("--max-update") + 1])
+        Path(cmd[cmd.index("--log-file") + 1]).write_text(
+            json.dumps({"valid_loss": "5.0", "valid_inner_loss": "5.0", "valid_num_updates": str(n)}) + "\n")
+        ckpt = Path(cmd[cmd.index("--save-dir") + 1])
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "checkpoint_last.pt").write_text(f"trained {n} updates")
+        calls.append(("train", cmd))
+
+    monkeypatch.setattr(cg, "_run", fake_run)
+    monkeypatch.setattr(cg, "evaluate", lambda a, task, gate, data, run_dir, env: {"ppl": 10.0})
+    monkeypatch.setattr(cg, "make_plots", lambda runs, out: [])
+    return calls
+
+
+def test_compare_gates_reuses_a_result_only_with_the_same_settings(tmp_path, monkeypatch, capsys):
+    """A smoke run (--updates 20) and then a default run in the same work dir: the second must train
+    200 updates (not report the 20-update result as 200), keep the earlier run, and say why; data
+    prepared with another vocabulary or unknown settings is never reused."""
+    cg = _import_script("compare_gates")
+    calls = _fake_compare_tools(cg, monkeypatch)
+    work = tmp_path / "work"
+    legacy = work / "data" / "wikitext-2_spm4000"  # made by someone else / an older version: no settings.json
+    (legacy / "bin").mkdir(parents=True)
+    (legacy / "bin" / "train.bin").write_text("legacy")
+    common = ["--tasks", "lm", "--gates", "switch", "--seeds", "1", "--work-dir", str(work),
+              "--results", str(tmp_path / "results.md"), "--data-dir", str(shared_data_dir())]
+    run_dir = work / "lm" / "switch" / "seed1"
+
+    assert cg.main(common + ["--updates", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "unknown settings" in out and (legacy / "bin" / "train.bin").read_text() == "legacy"  # left alone
+    data_dir = work / "data" / "wikitext-2_spm4000-2"
+    assert json.loads((data_dir / "settings.json").read_text())["complete"] is True
+    assert json.loads((run_dir / "result.json").read_text())["updates"] == 20
+
+    assert cg.main(common) == 0  # default: 200 updates
+    out = capsys.readouterr().out
+    res = json.loads((run_dir / "result.json").read_text())
+    assert res["updates"] == 200 and res["settings"]["updates"] == 200 and res["valid_updates"] == [200]
+    assert "settings changed: updates 20 -> 200" in out and "done earlier" not in out
+    prev = list((work / "lm" / "switch").glob("seed1.previous-*"))
+    assert len(prev) == 1 and json.loads((prev[0] / "result.json").read_text())["updates"] == 20
+    assert (prev[0] / "ckpt" / "checkpoint_last.pt").read_text() == "trained 20 updates"  # nothing lost
+    assert [c[0] for c in calls] == ["prepare", "train", "train"]  # data reused: same settings
+
+    assert cg.main(common) == 0  # same settings again: reused
+    assert "done earlier" in capsys.readouterr().out and len(calls) == 3
+
+    assert cg.main(common + ["--spm-vocab", "500"]) == 0  # another vocabulary: other data, retrained
+    out = capsys.readouterr().out
+    assert [c[0] for c in calls[3:]] == ["prepare", "train"]
+    assert calls[3][1][calls[3][1].index("--out-dir") + 1] == str(work / "data" / "wikitext-2_spm500")
+    assert str(work / "data" / "wikitext-2_spm500" / "bin") == calls[4][1][1]
+    assert "data.spm_vocab 4000 -> 500" in out
+    assert len(list((work / "lm" / "switch").glob("seed1.previous-*"))) == 2
+
+
+def test_compare_gates_paths_are_absolute(tmp_path, monkeypatch, capsys):
+    """--data-dir / --work-dir / --results relative to the caller's folder, although the tools run in
+    the repository root; a --data-dir that is not a folder is an error naming the option."""
+    cg = _import_script("compare_gates")
+    calls = _fake_compare_tools(cg, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").symlink_to(shared_data_dir())
+    a = cg.parse_args(["--tasks", "lm", "--data-dir", "mydata", "--work-dir", "w", "--results", "r.md"])
+    assert Path(a.data_dir).is_absolute() and Path(a.data_dir) == (tmp_path / "mydata").resolve()
+    assert Path(a.work_dir) == tmp_path / "w" and Path(a.results) == tmp_path / "r.md"
+    cg.prepare_data(a, dict(os.environ))
+    cmd = calls[0][1]
+    assert Path(cmd[cmd.index("--data-dir") + 1]).is_absolute()
+    with pytest.raises(SystemExit):
+        cg.parse_args(["--data-dir", "no-such-folder"])
+    assert "--data-dir no-such-folder is not a folder" in capsys.readouterr().err
+
+
+def _quickstart_stubs(tmp_path):
+    """A PYTHON whose folder holds stub fairseq tools: preprocessing writes the binary marker files,
+    training writes a checkpoint and a log, then fails (the rest of the quickstart is not needed)."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    scripts = {
+        "python3": f'#!/bin/sh\nexec "{sys.executable}" "$@"\n',
+        "fairseq-preprocess": '#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = --destdir ] && d="$2"; shift; done\n'
+                              'mkdir -p "$d"; : > "$d/train.bin"; echo "a 1" > "$d/dict.txt"\n',
+        "fairseq-train": '#!/bin/sh\nwhile [ $# -gt 0 ]; do case "$1" in --save-dir) s="$2";; --log-file) l="$2";; esac; shift; done\n'
+                         'mkdir -p "$s"; echo "stub run $STUB_RUN" > "$s/checkpoint_last.pt"; echo "{}" > "$l"\n'
+                         'echo "stub fairseq-train" >&2; exit 1\n',
+    }
+    for name, text in scripts.items():
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    return fake / "python3"
+
+
+def test_quickstart_keeps_earlier_checkpoints_and_matches_data_settings(tmp_path):
+    py = _quickstart_stubs(tmp_path)
+    out = tmp_path / "my run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint_best.pt").write_text("mine")
+
+    def quickstart(run, train_lines):
+        env = dict(os.environ, PYTHON=str(py), STUB_RUN=str(run), PYTHONWARNINGS="ignore")
+        return subprocess.run(["bash", str(SCRIPTS / "quickstart.sh"), "--out-dir", str(out), "--updates", "20",
+                               "--train-lines", str(train_lines), "--eval-lines", "10", "--data-dir", str(shared_data_dir())],
+                              capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+
+    first = quickstart(1, 100)
+    assert "stub fairseq-train" in first.stdout + first.stderr, first.stderr  # it got to training
+    prev = sorted(out.glob("checkpoints.previous-*"))
+    assert len(prev) == 1 and (prev[0] / "checkpoint_best.pt").read_text() == "mine"
+    assert f"moved to {prev[0]}" in first.stderr
+    assert "train_lines=100" in (out / "data" / "settings.txt").read_text()
+
+    second = quickstart(2, 100)  # again, no questions asked: the first run's checkpoint is moved aside too
+    assert "already prepared with these settings" in second.stderr, second.stderr
+    prev = sorted(out.glob("checkpoints.previous-*"))
+    assert len(prev) == 2 and (prev[0] / "checkpoint_best.pt").read_text() == "mine"
+    assert (prev[1] / "checkpoint_last.pt").read_text().strip() == "stub run 1" and (prev[1] / "train.log").is_file()
+    assert (out / "checkpoints" / "checkpoint_last.pt").read_text().strip() == "stub run 2"
+
+    third = quickstart(3, 50)  # other --train-lines: prepared again, the old data kept
+    assert "prepared with other settings" in third.stderr, third.stderr
+    old_data = list(out.glob("data.previous-*"))
+    assert len(old_data) == 1 and lines(old_data[0] / "raw" / "train.txt") == 100
+    assert lines(out / "data" / "raw" / "train.txt") == 50
+    assert "train_lines=50" in (out / "data" / "settings.txt").read_text()
+
+
+def test_plot_routing_paths_with_equals_signs(tmp_path, monkeypatch):
+    pr = _import_script("plot_routing")
+    seen = []
+    monkeypatch.setattr(pr, "make_plots", lambda runs, out: seen.append(list(runs)) or [])
+    log = tmp_path / "lr=0.002" / "train.log"
+    log.parent.mkdir()
+    log.write_text(json.dumps({"num_updates": "10", "loss": "5.0", "moe_experts_per_token": "1.0"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    out = ["--out-dir", str(tmp_path / "plots")]
+    pr.main(["--run", f"A={log}"] + out)                      # NAME=PATH: split at the first '='
+    pr.main(["--run", "B=lr=0.002/train.log"] + out)
+    pr.main([str(log)] + out)                                  # positional existing files are plain paths
+    pr.main(["lr=0.002/train.log"] + out)
+    pr.main(["--run", "lr=0.002/train.log"] + out)             # no NAME=PATH file: the whole value is the path
+    pr.main([f"C={log}"] + out)
+    assert seen == [["A"], ["B"], ["lr=0.002"], ["lr=0.002"], ["lr=0.002"], ["C"]]
+
+
+PROGRESS_LOG = """\
+2026-11-23 07:00:01 | INFO | train_inner | {"epoch": 1, "update": 0.4, "loss": "9.512", "inner_loss": "9.5", "num_updates": "10", "lr": "0.001"}
+2026-11-23 07:00:02 | INFO | valid | {"epoch": 1, "valid_loss": "9.3", "valid_inner_loss": "9.3", "valid_num_updates": "20"}
+2026-11-23 07:00:03 | INFO | train_inner | {"epoch": 1, "update": 0.8, "loss": "9.101", "inner_loss": "9.1", "num_updates": "20", "lr": "0.002"}
+2026-11-23 07:00:04 | INFO | valid | {"epoch": 1, "valid_loss": "9.0", "valid_inner_loss": "9.0", "valid_num_updates": "25"}
+2026-11-23 07:00:04 | INFO | fairseq.checkpoint_utils | Saved checkpoint runs/quickstart/checkpoints/checkpoint_1_25.pt (epoch 1 @ 25 updates, score 9.0) (writing took 0.1 seconds)
+2026-11-23 07:00:04 | INFO | fairseq_cli.train | end of epoch 1 (average epoch stats below)
+2026-11-23 07:00:04 | INFO | train | {"epoch": 1, "train_loss": "9.2", "train_num_updates": "25", "train_lr": "0.0025"}
+2026-11-23 07:00:04 | INFO | fairseq_cli.train | done training in 12.3 seconds
+"""
+
+
+def test_train_progress_counts_the_last_updates_and_done_training():
+    """--max-update 25 with --log-interval 10: the last train_inner line says 20, the validation and
+    epoch summary 25, and fairseq says "done training": finished, not stopped."""
+    def progress(text):
+        return subprocess.run([sys.executable, str(SCRIPTS / "train_progress.py"), "--total", "25"], input=text,
+                              capture_output=True, text=True, timeout=60)
+
+    done = progress(PROGRESS_LOG)
+    assert done.returncode == 0 and "stopped" not in done.stderr and "25/25" in done.stderr, done.stderr
+    assert "done training" in done.stderr
+    # the epoch summary alone also counts
+    summary_only = "".join(l for l in PROGRESS_LOG.splitlines(keepends=True) if "valid_loss" not in l and "done" not in l)
+    assert "stopped" not in progress(summary_only).stderr
+    # a run that really stopped early still says so, with the last output
+    cut = progress("".join(PROGRESS_LOG.splitlines(keepends=True)[:3]))
+    assert "training stopped at update 20 of 25" in cut.stderr

@@ -21,7 +21,8 @@ on a 2-core CPU machine with --jobs 2 (two runs at a time, 1 thread each).
 Runs are resumable: a finished run (its result.json) is not trained again when it was made with the
 same settings (everything these options feed into its data and training, and the fairseq-train
 command itself, recorded in result.json). A run made with other settings, or retrained with --force, is moved aside to
-<work dir>/<task>/<gate>/seed<k>.previous-<time> and trained again; the output says so. Prepared data
+<work dir>/<task>/<gate>/seed<k>.previous-<time> and trained again, as is an unfinished (crashed) run;
+the output says so. Prepared data
 goes to <work dir>/data/<corpus>_spm<V>[_<N>l_<M>e] with its settings in settings.json; data prepared
 with other settings is never reused (a new folder <name>-2, -3, ... is prepared instead).
 
@@ -360,12 +361,11 @@ def run_one(a, task, gate, seed, data, env, idx, total):
         prev = move_aside(run_dir)
         log(f"{tag}: {why}; the earlier run was moved to {prev}; training again")
     elif run_dir.is_dir() and any(run_dir.iterdir()):
-        if _read_json(started_file) == settings:
-            for stale in (run_dir / "train.log", run_dir / "ckpt" / "checkpoint_last.pt"):
-                stale.unlink(missing_ok=True)  # a crashed run starts over, not from a half-written state
-        else:
-            prev = move_aside(run_dir)
-            log(f"{tag}: an unfinished run with other or unknown settings was moved to {prev}")
+        # an unfinished run (crashed or interrupted) starts over, not from a half-written state; what it
+        # saved (a checkpoint may be complete if evaluation failed) is moved aside, never deleted
+        same = _read_json(started_file) == settings
+        prev = move_aside(run_dir)
+        log(f"{tag}: an unfinished run with {'the same' if same else 'other or unknown'} settings was moved to {prev}")
     run_dir.mkdir(parents=True, exist_ok=True)
     started_file.write_text(json.dumps(settings, indent=1))
     cmd = train_command(a, task, gate, seed, data, run_dir)

@@ -264,6 +264,14 @@ def test_compare_gates_reuses_a_result_only_with_the_same_settings(tmp_path, mon
     assert "data.spm_vocab 4000 -> 500" in out
     assert len(list((work / "lm" / "switch").glob("seed1.previous-*"))) == 2
 
+    # an unfinished run with the same settings (crashed after saving its checkpoint): trained again,
+    # and what it saved is moved aside, not deleted
+    (run_dir / "result.json").unlink()
+    assert cg.main(common + ["--spm-vocab", "500"]) == 0
+    assert "an unfinished run with the same settings was moved to" in capsys.readouterr().out
+    saved = [p / "ckpt" / "checkpoint_last.pt" for p in (work / "lm" / "switch").glob("seed1.previous-*")]
+    assert len(saved) == 3 and all(p.exists() for p in saved)
+
 
 def test_compare_gates_paths_are_absolute(tmp_path, monkeypatch, capsys):
     """--data-dir / --work-dir / --results relative to the caller's folder, although the tools run in

@@ -244,14 +244,15 @@ class ExpertParallel:
         """The base expert (slot 0) as a dense FFN on this worker's tokens. With several workers each
         holds a copy, kept identical by averaging its gradients over all workers, as data-parallel
         training does for dense weights (scale 1/W, summed over the world)."""
-        # every token in expert 0's group: the experts' own path (on the CPU, its weight gradients
-        # reuse their memory and the other experts' zero slots are not rewritten every step)
-        counts = [x.shape[0]] + [0] * (experts.num_experts - 1)
-        if not self.is_distributed:
-            return experts(x, counts)
-        _set_grad_copies(experts, self.world_size)  # every worker holds the same base-expert gradient
-        params = [_ExpertGrad.apply(getattr(experts, n), 1.0 / self.world_size, None, True) for n in EXPERT_PARAM_NAMES]
-        return experts(x, counts, params=params)
+        params = None
+        if self.is_distributed:
+            _set_grad_copies(experts, self.world_size)  # every worker holds the same base-expert gradient
+            params = [_ExpertGrad.apply(getattr(experts, n), 1.0 / self.world_size, None, True) for n in EXPERT_PARAM_NAMES]
+        if x.device.type != "cpu":  # (the group sizes of a list would be copied to the GPU, a host wait)
+            return experts.forward_one(x, 0, params=params)
+        # on the CPU, every token in expert 0's group of the experts' own path: its weight gradients
+        # reuse their memory and the other experts' zero slots are not rewritten every step
+        return experts(x, [x.shape[0]] + [0] * (experts.num_experts - 1), params=params)
 
     # -- sharding of a fully built layer -----------------------------------------------------
 

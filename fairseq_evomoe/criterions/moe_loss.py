@@ -52,7 +52,6 @@ from ..moe.layer import MoELayer, moe_layers
 COMBINE_METHODS = ("sum", "average")
 
 
-
 @dataclass
 class MoELossOptions(FairseqDataclass):
     moe_gate_loss_wt: float = field(

@@ -147,10 +147,11 @@ def spawn_optimizer_state(layer: MoELayer, optimizer) -> bool:
     (the step count is shared). Returns False, changing nothing, for an unknown optimizer layout.
     """
     experts, gate = list(layer.experts.parameters()), list(layer.gate.parameters())
+    opt = torch_optimizer(optimizer)
     for p in experts:  # state just loaded from a checkpoint holds all E experts until the next step
         par = getattr(p, "expert_parallel", None)
         if par is not None and par.is_distributed:
-            keep_local_slice(torch_optimizer(optimizer), p)
+            keep_local_slice(opt, p)
     copies = stepped_copies(optimizer, experts + gate)
     if copies is None:
         return False
@@ -160,7 +161,6 @@ def spawn_optimizer_state(layer: MoELayer, optimizer) -> bool:
     for c in copies[: len(experts)]:
         for value in c.state.values():
             value.copy_(value[0:1].expand_as(value))
-    opt = torch_optimizer(optimizer)
     for c in copies[len(experts):]:
         if c.key is not None:
             opt.state.pop(c.key, None)

@@ -75,7 +75,6 @@ def _load_local_experts(experts, state_dict, prefix, local_metadata, strict, mis
     par = _placement(experts)
     if par is None:
         return
-    lo, hi = par.first_local_expert, par.first_local_expert + par.num_local_experts
     # before the EvoMoE spawn the layer runs only the base expert, global expert 0, which every
     # worker holds in all its slots (share_base_expert); a checkpoint written on another number of
     # workers (one process: only expert 0 trained) has other weights in the other slots. The layer
@@ -85,10 +84,8 @@ def _load_local_experts(experts, state_dict, prefix, local_metadata, strict, mis
         t = state_dict.get(key)
         if t is None or t.dim() == 0:
             continue
-        if t.shape[0] == par.num_experts and par.loaded_before_spawn:
-            state_dict[key] = t[0:1].expand(par.num_local_experts, *t.shape[1:]).clone()
-        elif t.shape[0] == par.num_experts and par.num_local_experts != par.num_experts:
-            state_dict[key] = t[lo:hi]
+        if t.shape[0] == par.num_experts:
+            state_dict[key] = par.local_part(t)
         elif t.shape[0] != par.num_local_experts:
             errors.append(
                 f"{key}: the checkpoint has {t.shape[0]} experts, the model {par.num_experts} "

@@ -135,11 +135,7 @@ def keep_local_slice(optimizer, p) -> None:
                 f"{par.num_experts} (this worker holds {p.shape[0]}); check --moe-expert-count, or resume "
                 "with --reset-optimizer"
             )
-        if par.loaded_before_spawn:
-            state[key] = value[0:1].expand(par.num_local_experts, *value.shape[1:]).clone()
-        else:
-            lo = par.first_local_expert
-            state[key] = value[lo : lo + par.num_local_experts].clone()
+        state[key] = par.local_part(value).clone()
 
 
 @torch.no_grad()

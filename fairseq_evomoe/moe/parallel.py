@@ -194,6 +194,15 @@ class ExpertParallel:
 
     # -- compute -----------------------------------------------------------------------------
 
+    def local_part(self, full: Tensor) -> Tensor:
+        """This worker's rows of a tensor over all E experts (weights or optimizer state from a
+        checkpoint): its own experts', or, when the checkpoint predates the EvoMoE spawn, global
+        expert 0's in every slot (a view; copy it to keep it)."""
+        if self.loaded_before_spawn:
+            return full[0:1].expand(self.num_local_experts, *full.shape[1:])
+        lo = self.first_local_expert
+        return full[lo : lo + self.num_local_experts]
+
     def run_experts(self, experts, x: Tensor, counts: Tensor) -> Tensor:
         if not self.is_distributed:
             return experts(x, counts)

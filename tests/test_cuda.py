@@ -94,3 +94,29 @@ def test_spawn_on_cuda_matches_cpu():
         spawn_experts(gpu, SpawnSettings(mode, 0.5, seed=3))
         for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
             torch.testing.assert_close(a, b.cpu(), msg=f"{mode}: {name}")
+
+
+@pytest.mark.parametrize("num_experts", [4, 16])  # the per-expert loop, and grouped_mm's fp16 kernel
+@pytest.mark.parametrize("phase", ["sparse", "diversify"])
+def test_amp_autocast_with_padding_on_cuda(phase, num_experts):
+    """--amp: fp32 weights and hidden states, fp16 matmuls under autocast (grouped_mm, which has no
+    autocast rule, is cast by the layer). The layer's output is fp16, padding positions 0, and the
+    backward reaches the fp32 weights."""
+    from moe_helpers import PAD
+
+    layer = make_layer("top1", num_experts=num_experts, dim=64, ffn=128, capacity_factor=1.0).cuda().train()
+    if phase == "diversify":
+        layer.spawned.fill_(False)
+    x = torch.randn(12, 4, 64, device="cuda", requires_grad=True)
+    ids = torch.randint(4, 50, (4, 12), device="cuda")
+    ids[1, 7:] = PAD
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = layer(x, ids)
+    assert out.dtype == torch.float16
+    assert torch.all(out[ids.eq(PAD).t()] == 0)
+    with torch.no_grad():
+        ref = layer(x, ids)  # fp32
+    keep = ~ids.eq(PAD).t()
+    torch.testing.assert_close(out[keep].float(), ref[keep], rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    out.float().sum().backward()
+    assert layer.experts.fc1_weight.grad.dtype == torch.float32 and torch.isfinite(layer.experts.fc1_weight.grad).all()

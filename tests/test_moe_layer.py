@@ -162,6 +162,53 @@ def test_padding_is_never_routed(gate):
     torch.testing.assert_close(layer(x2, ids)[~pad], out[~pad])
 
 
+@pytest.mark.parametrize("path", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("phase", ["sparse", "diversify"])
+@pytest.mark.parametrize("gate", ["top1", "top2", "dts"])
+def test_autocast_with_padding(gate, phase, path, monkeypatch):
+    """--amp runs the model under autocast: on a GPU the experts' matmuls return fp16 for fp32
+    hidden states (here: CPU autocast to bf16 through the GPU's two expert paths, the per-expert
+    loop and grouped_mm, which has no autocast rule and is cast by the layer). The layer's output
+    takes the experts' dtype, as a dense FFN's would; combining into an fp32 buffer used to fail
+    ("index_copy_(): self and source expected to have the same dtype") on every batch with padding."""
+    import fairseq_evomoe.moe.experts as experts_module
+
+    if path == "loop":
+        monkeypatch.setattr(experts_module, "grouped_mm_preferred", lambda x, num_experts: False)
+    layer = make_layer(gate, capacity_factor=1.0).train()
+    layer.experts.activation_dropout = 0.1  # (the CPU's own group path has no dropout, so the loop runs)
+    if phase == "diversify":
+        layer.spawned.fill_(False)
+    T, B, M = 6, 2, 16
+    x = torch.randn(T, B, M, requires_grad=True)
+    ids = token_ids_for(T * B).view(B, T)
+    ids[1, 4:] = PAD
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, ids)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert torch.all(out[ids.eq(PAD).t()] == 0)
+    out.float().sum().backward()
+    assert x.grad is not None and layer.experts.fc1_weight.grad is not None
+
+
+@pytest.mark.parametrize("gate", ALL_GATES)
+def test_router_math_stays_fp32_under_autocast(gate):
+    """Autocast (--amp) would run the router's linear layers in fp16/bf16; routing decisions and
+    weights must come from fp32 logits, the same as without autocast."""
+    layer = make_layer(gate, capacity_factor=1.0).train()
+    x, ids = torch.randn(40, 16), token_ids_for(40)
+    torch.manual_seed(1)
+    plain = layer.gate(x, ids)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = layer.gate(x, ids)
+    assert mixed.weight.dtype == torch.float32
+    for name in ("token_idx", "expert_idx", "weight", "probs", "balance_loss", "z_loss"):
+        a, b = getattr(plain, name), getattr(mixed, name)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_phase_flag_follows_the_spawned_buffer():
     """is_sparse caches the `spawned` buffer (reading it on a GPU waits for the GPU); every way
     the buffer changes is seen."""

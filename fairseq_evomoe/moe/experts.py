@@ -195,13 +195,22 @@ def _activation_with_grad(act, pre: Tensor):
     return h.detach(), lambda grad_h: torch.autograd.grad(h, p, grad_h)[0]
 
 
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's (fairseq's --amp) where it is on, else x's own.
+    torch.nn.functional.grouped_mm has no autocast rule, so the grouped path casts to it itself."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 def grouped_mm_supported(x: Tensor) -> bool:
     """Whether torch.nn.functional.grouped_mm (torch >= 2.9) runs on x's device and dtype: always on
     the CPU; on a GPU, tried once per device and dtype (torch has a CUTLASS kernel for bf16 on Hopper
     and newer, and, in recent versions, a slower fallback for other dtypes and GPUs)."""
     if not hasattr(F, "grouped_mm"):
         return False
-    return x.device.type == "cpu" or _grouped_mm_runs(x.device, x.dtype)
+    return x.device.type == "cpu" or _grouped_mm_runs(x.device, matmul_dtype(x))
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,7 +233,7 @@ def grouped_mm_preferred(x: Tensor, num_experts: int) -> bool:
         return False
     if x.device.type == "cpu":
         return True
-    if x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9:
+    if matmul_dtype(x) == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9:
         return True
     return num_experts >= 16
 
@@ -298,6 +307,9 @@ class ExpertFFNs(nn.Module):
         """Both projections as single grouped matmuls over contiguous groups (torch's grouped_mm),
         with no host sync: group offsets and the expert of each row are computed on x's device."""
         w1, b1, w2, b2 = self._params(params)
+        dtype = matmul_dtype(x)
+        if x.dtype != dtype:  # under autocast: the weights' casts are differentiable, as autocast's are
+            x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
         sizes = counts.to(x.device) if isinstance(counts, Tensor) else torch.tensor(counts, device=x.device)
         offsets = torch.cumsum(sizes, 0, dtype=torch.int32)
         experts = torch.arange(self.num_experts, device=x.device)

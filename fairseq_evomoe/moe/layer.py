@@ -112,7 +112,9 @@ class MoELayer(nn.Module):
 
         if keep is None:
             return y_tok.reshape(shape)
-        out = x_flat.new_zeros(x_flat.shape)
+        # in y_tok's dtype: under --amp (autocast) the experts' matmuls return fp16 for fp32 input,
+        # as a dense FFN's would
+        out = y_tok.new_zeros(x_flat.shape)
         out = out.index_copy(0, keep, y_tok)
         return out.reshape(shape)
 
@@ -152,7 +154,7 @@ class MoELayer(nn.Module):
         expert_in = x.index_select(0, tokens)
         expert_out = self.parallel.run_experts(self.experts, expert_in, plan.counts)
         weight = routing.weight[assign].to(expert_out.dtype)
-        out = x.new_zeros(x.shape).index_add_(0, tokens, expert_out * weight.unsqueeze(1))
+        out = expert_out.new_zeros(x.shape).index_add_(0, tokens, expert_out * weight.unsqueeze(1))
         self.metadata = self.routing_stats(routing, plan, x.shape[0], tokens)
         return out
 

@@ -95,8 +95,13 @@ class LinearRouter(nn.Module):
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x = x * noise
-        logits = F.linear(x, self.wg.weight.float())
-        return finite_logits(logits)
+        return finite_logits(fp32_linear(x, self.wg.weight))
+
+
+def fp32_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T in fp32, also under autocast (--amp), which would run F.linear in fp16/bf16."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
 
 
 def finite_logits(logits: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
 
-from .base import Routing, register_gate, router_z_loss, switch_balance_loss
+from .base import Routing, fp32_linear, register_gate, router_z_loss, switch_balance_loss
 from .top_k import RouterGate
 
 NO_DICTIONARY_ROWS = 1024
@@ -92,7 +92,7 @@ class StableMoEGate(RouterGate):
         return {"phase": self.stage}
 
     def distilled_logits(self, token_ids: Tensor) -> Tensor:
-        return F.linear(self.distill_embed(token_ids % self.vocab).float(), self.distill_proj.weight.float())
+        return fp32_linear(self.distill_embed(token_ids % self.vocab), self.distill_proj.weight)
 
     def forward(self, x: Tensor, token_ids=None) -> Routing:
         if token_ids is None:

@@ -172,49 +172,57 @@ class FlatMasterOptimizer:
 
 
 def fp16_optimizer(kind, params):
+    """`flat`: the stand-in above; `per_param` (--fp16 --fp16-no-flatten-grads) and `fairseq_flat`
+    (plain --fp16, CUDA only): fairseq's own FP16Optimizer."""
     if kind == "flat":
         return FlatMasterOptimizer(params)
     from fairseq.optim import FP16Optimizer
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({  # what --fp16 --fp16-no-flatten-grads --optimizer adam gives it
+    cfg = OmegaConf.create({  # what --fp16 [--fp16-no-flatten-grads] --optimizer adam gives it
         "optimizer": {"_name": "adam", "lr": [1e-3]},
-        "common": {"fp16_no_flatten_grads": True, "bf16": False, "fp16_init_scale": 1, "fp16_scale_window": None,
-                   "fp16_scale_tolerance": 0.0, "threshold_loss_scale": None, "min_loss_scale": 1e-4,
-                   "model_parallel_size": 1, "tpu": False},
+        "common": {"fp16_no_flatten_grads": kind == "per_param", "bf16": False, "fp16_init_scale": 1,
+                   "fp16_scale_window": None, "fp16_scale_tolerance": 0.0, "threshold_loss_scale": None,
+                   "min_loss_scale": 1e-4, "model_parallel_size": 1, "tpu": False},
         "optimization": {"update_freq": [1]},
         "distributed_training": {"distributed_world_size": 1},
     })
     return FP16Optimizer.build_optimizer(cfg, list(params))
 
 
-@pytest.mark.parametrize("kind", ["flat", "per_param"])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="fairseq's flat FP16Optimizer needs CUDA")
+
+
+@pytest.mark.parametrize("kind", ["flat", "per_param", pytest.param("fairseq_flat", marks=needs_cuda)])
 def test_spawn_reaches_the_fp32_master_copies(kind):
     """Under --fp16/--bf16 fairseq steps fp32 master copies and writes them back into the model:
     the spawned weights and the fresh gate must be in those copies, or the first step undoes them."""
     layer = diversify_layer()
+    if kind == "fairseq_flat":
+        layer = layer.cuda().half()
+    dev, dtype = layer.experts.fc1_weight.device, layer.experts.fc1_weight.dtype
     layer.train()
     params = [p for p in layer.parameters() if p.requires_grad]
     opt = fp16_optimizer(kind, params)
     for _ in range(3):
         opt.zero_grad()
-        opt.backward(layer(torch.randn(8, M)).pow(2).sum())
+        opt.backward(layer(torch.randn(8, M, device=dev, dtype=dtype)).pow(2).sum())
         opt.step()
     spawn_experts(layer, SpawnSettings("mask", 0.5, seed=1))
     spawned = {n: p.detach().clone() for n, p in layer.named_parameters()}
     assert spawn_optimizer_state(layer, opt)
     copies = dict(zip(spawned, stepped_copies(opt, params)))
     for name, c in copies.items():
-        assert torch.equal(c.master, spawned[name]), name
+        assert torch.equal(c.master, spawned[name].to(c.master.dtype)), name
     for name in ("experts.fc1_weight", "experts.fc2_weight"):
         assert copies[name].state  # Adam's moments: the base expert's, in every expert
         for value in copies[name].state.values():
             assert value[0].abs().sum() > 0 and all(torch.equal(value[e], value[0]) for e in range(1, E))
     # one more step moves the spawned weights a little; it does not bring the old ones back
     opt.zero_grad()
-    opt.backward(layer(torch.randn(8, M)).pow(2).sum())
+    opt.backward(layer(torch.randn(8, M, device=dev, dtype=dtype)).pow(2).sum())
     opt.step()
-    w = layer.experts.fc1_weight.detach()
+    w = layer.experts.fc1_weight.detach().float()
     assert (w.abs() < 5e-3).float().mean() > 0.4  # the mask's zeros: one Adam step moves them by ~lr
-    assert (w - spawned["experts.fc1_weight"]).abs().max() < 0.01
-    assert (layer.gate.router.wg.weight.detach() - spawned["gate.router.wg.weight"]).abs().max() < 0.01
+    assert (w - spawned["experts.fc1_weight"].float()).abs().max() < 0.01
+    assert (layer.gate.router.wg.weight.detach() - spawned["gate.router.wg.weight"]).float().abs().max() < 0.01

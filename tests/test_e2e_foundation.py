@@ -118,6 +118,7 @@ def test_bad_options_fail_before_training(mt_data, tmp_path, extra, message):
         (dict(moe_freq=-1), "--moe-freq must be >= 0"),
         (dict(moe_expert_ffn_dim=0), "--moe-expert-ffn-dim must be >= 1"),
         (dict(moe_router_jitter=1.5), "--moe-router-jitter must be in [0, 1)"),
+        (dict(moe_expert_dtype="fp8"), "--moe-expert-dtype 'fp8' is not valid; choose one of: auto, bf16"),
         (dict(scale_fc=True), "--scale-fc"),
     ],
 )

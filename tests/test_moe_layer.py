@@ -209,6 +209,36 @@ def test_router_math_stays_fp32_under_autocast(gate):
             torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_experts_in_their_own_compute_dtype(autocast):
+    """--moe-expert-dtype bf16: the experts compute in bf16 and return the dtype they would have
+    returned otherwise (the model's; autocast's under --amp); gradients reach the weights in
+    their own dtype. Forward and gradients stay within bf16 rounding of the fp32 experts."""
+    from fairseq_evomoe.moe.experts import ExpertFFNs
+
+    torch.manual_seed(0)
+    plain = ExpertFFNs(4, 16, 32, torch.nn.functional.gelu)
+    bf16 = ExpertFFNs(4, 16, 32, torch.nn.functional.gelu, compute_dtype=torch.bfloat16)
+    bf16.load_state_dict(plain.state_dict())
+    x = torch.randn(20, 16)
+    counts = [6, 0, 9, 5]
+    outs, grads = {}, {}
+    for name, m in (("plain", plain), ("bf16", bf16)):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            y, y0 = m(xi, counts), m.forward_one(xi, 2)
+        outs[name] = (y, y0)
+        (y.float().square().sum() + y0.float().sum()).backward()
+        grads[name] = [xi.grad] + [p.grad for p in m.parameters()]
+    want = torch.float16 if autocast else torch.float32
+    assert all(t.dtype == want for t in outs["bf16"])
+    assert all(g.dtype == torch.float32 for g in grads["bf16"])
+    for a, b in zip(outs["bf16"], outs["plain"]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2)
+    for a, b in zip(grads["bf16"], grads["plain"]):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
+
+
 def test_phase_flag_follows_the_spawned_buffer():
     """is_sparse caches the `spawned` buffer (reading it on a GPU waits for the GPU); every way
     the buffer changes is seen."""

@@ -108,3 +108,19 @@ def test_torchrun_entry_point_keeps_the_users_options():
     assert not any(a.startswith("--distributed-world-size ") or a == "--distributed-world-size" for a in out)
     assert out[out.index("--distributed-rank") + 1] == "1" and "--distributed-no-spawn" in out
     assert torchrun_args(["DATA"], {}) == ["DATA"]  # without torchrun's environment: unchanged
+
+
+def test_expert_dtype_option_reaches_every_moe_layer():
+    """--moe-expert-dtype bf16: every MoE layer's experts compute in bf16 and hand the model back its
+    own dtype; the loss is within bf16 rounding of the default model's and has gradients."""
+    losses = {}
+    for dtype in ("auto", "bf16"):
+        model, criterion, vocab = build_lm("--moe-expert-dtype", dtype, "--moe-freq", "1", "--decoder-layers", "2")
+        layers = moe_layers(model)
+        assert len(layers) == 2
+        assert all(m.experts.compute_dtype == (torch.bfloat16 if dtype == "bf16" else None) for m in layers)
+        loss, _, _ = criterion(model, lm_sample(vocab))
+        loss.backward()
+        assert loss.dtype == torch.float32 and layers[0].experts.fc1_weight.grad.dtype == torch.float32
+        losses[dtype] = loss.item()
+    assert losses["bf16"] == pytest.approx(losses["auto"], rel=2e-2)

@@ -37,7 +37,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, Trans
 from ..evomoe.controller import DiversifyPlan
 from ..evomoe.diversify import SpawnSettings
 from ..evomoe.schedule import resolve_updates
-from ..moe.experts import ExpertFFNs
+from ..moe.experts import EXPERT_DTYPES, ExpertFFNs
 from ..moe.gates.base import build_gate
 from ..moe.layer import MoELayer, moe_layers
 from ..moe.options import moe_layer_indices
@@ -61,6 +61,7 @@ def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, dictionary) -> MoEL
         ffn_dim,
         utils.get_activation_fn(cfg.activation_fn),
         activation_dropout,
+        compute_dtype=EXPERT_DTYPES[cfg.moe_expert_dtype],
     )
     experts = parallel.localize(experts)
     gate = build_gate(cfg.moe_gate, model_dim, cfg.moe_expert_count, cfg, dictionary=dictionary)

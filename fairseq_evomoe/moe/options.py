@@ -9,9 +9,11 @@ variants can set their own; `apply_defaults` fills what neither the user nor the
 from dataclasses import MISSING, dataclass, field, fields
 from typing import List, Optional
 
+import torch
 from fairseq.dataclass import FairseqDataclass
 
 from .dispatch import DROP_POLICIES
+from .experts import EXPERT_DTYPES
 from .gates.base import GATE_REGISTRY
 
 
@@ -42,6 +44,12 @@ class MoEOptions(FairseqDataclass):
         default=0.0, metadata={"help": "multiply router inputs by U(1-eps, 1+eps) during training (Switch); 0 = off"}
     )
     moe_seed: int = field(default=1, metadata={"help": "seed of MoE-specific randomness (expert spawning, hash tables)"})
+    moe_expert_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the experts' matmuls: auto (the model's, or autocast's under --amp) or bf16 (the "
+                  "experts alone in bfloat16, cast from and back to the model's dtype: under --fp16 on Hopper GPUs "
+                  "this reaches torch's fast grouped kernel; GPUs with bf16 only)"},
+    )
 
 
 OPTION_CLASSES: List[type] = [MoEOptions]
@@ -110,5 +118,9 @@ def validate(args, stacks) -> None:
         bad(f"--moe-expert-ffn-dim must be >= 1, got {args.moe_expert_ffn_dim}")
     if not 0 <= args.moe_router_jitter < 1:
         bad(f"--moe-router-jitter must be in [0, 1), got {args.moe_router_jitter}")
+    if args.moe_expert_dtype not in EXPERT_DTYPES:
+        bad(f"--moe-expert-dtype {args.moe_expert_dtype!r} is not valid; choose one of: {', '.join(EXPERT_DTYPES)}")
+    if args.moe_expert_dtype == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        bad(f"--moe-expert-dtype bf16 needs a GPU with bfloat16 support; {torch.cuda.get_device_name()} has none (use auto)")
     if getattr(args, "scale_fc", False):
         bad("--scale-fc (a LayerNorm inside the FFN) is not supported in MoE layers")

@@ -26,6 +26,11 @@ from fairseq_evomoe.moe.gates.top_k import Top1Gate
 from fairseq_evomoe.moe.layer import MoELayer
 
 
+
+def ms(secs: float) -> str:
+    """Milliseconds, with decimals where a GPU step is a few ms."""
+    return f"{1000 * secs:.0f}" if secs >= 0.1 else f"{1000 * secs:.2f}"
+
 def dts_args(anneal, tau_min):
     return Namespace(moe_router_jitter=0.0, dts_threshold=1e-3, dts_combine_weights="softmax", dts_renormalize=False,
                      dts_max_experts=0, dts_tau_max=2.0, dts_tau_min=tau_min, dts_tau_schedule="exponential",
@@ -95,14 +100,14 @@ def main():
     print("| phase | tau | experts/token | ms / step | / top-1 | / dense |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, tau, ept, secs in rows:
-        print(f"| {name} | {tau} | {ept:.2f} | {1000 * secs:.0f} | {secs / top1_secs:.2f}x | {secs / rows[0][3]:.2f}x |")
+        print(f"| {name} | {tau} | {ept:.2f} | {ms(secs)} | {secs / top1_secs:.2f}x | {secs / rows[0][3]:.2f}x |")
     xs, ys = [a for a, _ in fit], [b for _, b in fit]
     mx, my = statistics.mean(xs), statistics.mean(ys)
     b = sum((u - mx) * (v - my) for u, v in fit) / max(sum((u - mx) ** 2 for u in xs), 1e-12)
     a = my - b * mx
     ss = sum((v - (a + b * u)) ** 2 for u, v in fit)
     st = sum((v - my) ** 2 for v in ys) or 1e-12
-    print(f"\nfit over the DTS rows: ms/step = {1000 * a:.0f} + {1000 * b:.0f} x experts_per_token (R^2 = {1 - ss / st:.3f}); "
+    print(f"\nfit over the DTS rows: ms/step = {ms(a)} + {ms(b)} x experts_per_token (R^2 = {1 - ss / st:.3f}); "
           f"a step at {E} experts/token costs {(a + b * E) / (a + b):.1f}x a step at 1")
 
 

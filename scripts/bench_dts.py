@@ -26,10 +26,10 @@ from fairseq_evomoe.moe.gates.top_k import Top1Gate
 from fairseq_evomoe.moe.layer import MoELayer
 
 
-
 def ms(secs: float) -> str:
     """Milliseconds, with decimals where a GPU step is a few ms."""
     return f"{1000 * secs:.0f}" if secs >= 0.1 else f"{1000 * secs:.2f}"
+
 
 def dts_args(anneal, tau_min):
     return Namespace(moe_router_jitter=0.0, dts_threshold=1e-3, dts_combine_weights="softmax", dts_renormalize=False,

@@ -252,7 +252,7 @@ class ExpertFFNs(nn.Module):
         compute_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
-        self.compute_dtype = compute_dtype  # None: the input's dtype (or autocast's); see _cast_for_compute
+        self.compute_dtype = compute_dtype  # None: the input's dtype (or autocast's); see _in_compute_dtype
         self.num_experts = num_experts
         self.model_dim = model_dim
         self.ffn_dim = ffn_dim
@@ -288,15 +288,16 @@ class ExpertFFNs(nn.Module):
     def _params(self, params: Optional[Sequence[Tensor]]) -> Sequence[Tensor]:
         return params if params is not None else (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
 
-    def _cast_for_compute(self, x: Tensor, params: Optional[Sequence[Tensor]]):
-        """With a compute dtype (--moe-expert-dtype bf16) and x in another: x and the weights cast to
-        it (differentiable casts, so the gradients reach the weights in their own dtype) and the
-        dtype to return, the one the experts would otherwise give (the model's, or autocast's).
-        None when there is nothing to cast."""
-        dtype = self.compute_dtype
-        if dtype is None or x.dtype == dtype:
-            return None
-        return x.to(dtype), [t.to(dtype) for t in self._params(params)], matmul_dtype(x)
+    def _needs_cast(self, x: Tensor) -> bool:
+        return self.compute_dtype is not None and x.dtype != self.compute_dtype
+
+    def _in_compute_dtype(self, x: Tensor, params: Optional[Sequence[Tensor]], run) -> Tensor:
+        """run(x, params) with x and the weights cast to the compute dtype (--moe-expert-dtype bf16;
+        differentiable casts, so the gradients reach the weights in their own dtype), its result
+        cast to the dtype the experts would otherwise give (the model's, or autocast's)."""
+        dtype, out_dtype = self.compute_dtype, matmul_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return run(x.to(dtype), [t.to(dtype) for t in self._params(params)]).to(out_dtype)
 
     def forward(self, x: Tensor, counts: Counts, params: Optional[Sequence[Tensor]] = None) -> Tensor:
         """x: [sum(counts), M] tokens grouped by expert (counts[e] rows for expert e).
@@ -306,11 +307,8 @@ class ExpertFFNs(nn.Module):
         params: (fc1_weight, fc1_bias, fc2_weight, fc2_bias) to use instead of the module's own, as
         expert parallelism passes them (the same tensors behind an identity with a custom backward)."""
         assert len(counts) == self.num_experts, (len(counts), self.num_experts)
-        cast = self._cast_for_compute(x, params)
-        if cast is not None:
-            x_c, params_c, out_dtype = cast
-            with torch.autocast(x.device.type, enabled=False):
-                return self.forward(x_c, counts, params_c).to(out_dtype)
+        if self._needs_cast(x):
+            return self._in_compute_dtype(x, params, lambda xc, pc: self.forward(xc, counts, pc))
         w1, b1, w2, b2 = self._params(params)
         if x.shape[0] == 0:
             # keep every parameter in the graph so that gradients exist (zeros)
@@ -343,9 +341,6 @@ class ExpertFFNs(nn.Module):
     def forward_one(self, x: Tensor, expert: int, params: Optional[Sequence[Tensor]] = None) -> Tensor:
         """One expert on all of x (the dense FFN of the expert-diversify phase, and tests); params as
         in forward."""
-        cast = self._cast_for_compute(x, params)
-        if cast is not None:
-            x_c, params_c, out_dtype = cast
-            with torch.autocast(x.device.type, enabled=False):
-                return self.forward_one(x_c, expert, params_c).to(out_dtype)
+        if self._needs_cast(x):
+            return self._in_compute_dtype(x, params, lambda xc, pc: self.forward_one(xc, expert, pc))
         return self.expert_forward(x, *(t[expert] for t in self._params(params)))

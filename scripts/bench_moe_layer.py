@@ -3,7 +3,9 @@
 one-hot einsum dispatch (GShard/fairseq style, written here only as the comparison).
 
 Everything is measured in this one run, interleaved (dense, index MoE, einsum MoE, repeat), and
-reported as ratios. Forward + backward, fp32 on CPU (fp32 or --dtype on GPU).
+reported as ratios. Forward + backward, fp32 on CPU (fp32 or --dtype on GPU). `--compare experts_alone`
+also times the same expert FFNs on equal groups with no routing: the ceiling for per-expert matmuls
+at that size (opt-in, as every extra model changes the allocation pattern the others see).
 
     python scripts/bench_moe_layer.py                      # the README table (CPU, ~10 min on 2 cores)
     python scripts/bench_moe_layer.py --quick              # a smaller sweep
@@ -11,6 +13,11 @@ reported as ratios. Forward + backward, fp32 on CPU (fp32 or --dtype on GPU).
 
 Memory: on CUDA the peak allocated memory of one fwd+bwd; on CPU the activations kept for the
 backward (bytes of the tensors autograd saves), which is what grows with the dispatch method.
+
+Page faults per step (median, minor faults): on CPU, a layer whose large temporaries get fresh
+pages from the OS every step (glibc serves allocations of 32 MB and more with mmap until the heap
+has grown) runs much slower than when they are recycled, and which happens depends on what ran
+before in the process. Compare ratios only between rows where both counts are about 0.
 """
 
 import argparse
@@ -18,6 +25,11 @@ import math
 import os
 import statistics
 import time
+
+try:
+    import resource  # Unix: page-fault counts
+except ImportError:
+    resource = None
 
 import torch
 import torch.nn as nn
@@ -66,6 +78,22 @@ class EinsumMoE(nn.Module):
         return torch.einsum("sec,ecm->sm", combine, h)
 
 
+class ExpertsAlone(nn.Module):
+    """The index MoE's expert FFNs on equal groups of tokens / E rows, with no router, dispatch or
+    combine (--compare experts_alone): the speed any layer built on per-expert matmuls can reach at
+    this size. The gap from dense to here is the matmuls' shape (tokens / E rows per
+    call instead of all tokens); from here to the index MoE it is routing, dispatch and combine."""
+
+    def __init__(self, dim, ffn, experts):
+        super().__init__()
+        self.experts = ExpertFFNs(experts, dim, ffn, F.relu)
+
+    def forward(self, x):
+        E = self.experts.num_experts
+        counts = [x.shape[0] // E + (e < x.shape[0] % E) for e in range(E)]
+        return self.experts(x, counts)
+
+
 class GroupedMmExperts(ExpertFFNs):
     """The experts through torch's grouped_mm on every device (--compare grouped_mm)."""
 
@@ -83,6 +111,19 @@ class FreshGradExperts(ExpertFFNs):
 
 # alternative expert implementations the index MoE can be timed with, against the default
 VARIANTS = {"grouped_mm": GroupedMmExperts, "fresh_grads": FreshGradExperts}
+COMPARISONS = sorted(VARIANTS) + ["experts_alone"]
+
+
+def compared_model(name, dim, ffn, experts, capacity_factor):
+    if name == "experts_alone":
+        return ExpertsAlone(dim, ffn, experts)
+    return index_moe(dim, ffn, experts, capacity_factor, VARIANTS[name])
+
+
+def compared_cell(name, tps) -> str:
+    if name == "experts_alone":
+        return f" experts alone / dense {tps[name] / tps['dense']:.2f}x |"
+    return f" index / {name} index {tps['index'] / tps[name]:.2f}x |"
 
 
 def index_moe(dim, ffn, experts, capacity_factor, experts_cls=ExpertFFNs):
@@ -118,17 +159,24 @@ def peak_cuda_bytes(module, x):
     return torch.cuda.max_memory_allocated() - base
 
 
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (0 where the OS does not count them)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def step_time(module, x, grad):
+    """(seconds, minor page faults) of one forward + backward."""
     for p in module.parameters():
         p.grad = None
     if x.is_cuda:
         torch.cuda.synchronize()
+    faults = minor_page_faults()
     t0 = time.perf_counter()
     y = module(x)
     y.backward(grad)
     if x.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, minor_page_faults() - faults
 
 
 def bench(E, S, args, device, dtype):
@@ -142,21 +190,25 @@ def bench(E, S, args, device, dtype):
         "einsum": EinsumMoE(dim, ffn, E, args.capacity_factor),
     }
     for name in args.compare:
-        models[name] = index_moe(dim, ffn, E, args.capacity_factor, VARIANTS[name])
+        models[name] = compared_model(name, dim, ffn, E, args.capacity_factor)
     for m in models.values():
         m.to(device=device, dtype=dtype).train()
     times = {k: [] for k in models}
+    faults = {k: [] for k in models}
     for _ in range(args.warmup):
         for k, m in models.items():
             step_time(m, x, grad)
     for _ in range(args.reps):
         for k, m in models.items():  # interleaved, so drift in machine load hits all three alike
-            times[k].append(step_time(m, x, grad))
+            seconds, pages = step_time(m, x, grad)
+            times[k].append(seconds)
+            faults[k].append(pages)
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_faults = {k: statistics.median(v) for k, v in faults.items()}
     measure = peak_cuda_bytes if device.type == "cuda" else saved_bytes
     mem = {k: measure(m, x) / 2**20 for k, m in models.items()}
     dropped = models["index"].metadata["dropped_frac"].item()
-    return med, mem, dropped
+    return med, mem, dropped, med_faults
 
 
 def main():
@@ -173,10 +225,11 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--quick", action="store_true", help="E in {4, 64}, 4096 tokens, 3 reps")
-    p.add_argument("--compare", nargs="+", default=[], choices=sorted(VARIANTS),
+    p.add_argument("--compare", nargs="+", default=[], choices=COMPARISONS,
                    help="also time the index MoE with other expert implementations and print the default's speed "
                    "relative to each: grouped_mm = torch's grouped matmul (the CPU default is the per-group path of "
-                   "moe/experts.py); fresh_grads = new weight-gradient memory every step (the default reuses it)")
+                   "moe/experts.py); fresh_grads = new weight-gradient memory every step (the default reuses it); "
+                   "experts_alone = the expert FFNs on equal groups with no routing, printed as a ratio to dense")
     args = p.parse_args()
     if args.quick:
         args.experts, args.tokens, args.reps = [4, 64], [4096], 3
@@ -188,17 +241,18 @@ def main():
           f"{args.dtype}, {where}; median of {args.reps} interleaved reps; "
           f"load average before the run {os.getloadavg()[0]:.2f} (other jobs on the machine lower the ratios)")
     mem_name = "peak MiB" if device.type == "cuda" else "saved-for-backward MiB"
-    print(f"| E | tokens | tokens/expert | dense tok/s | index MoE tok/s | index / dense | einsum tok/s | index / einsum "
-          f"| dropped | {mem_name} dense / index / einsum |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(f"| E | tokens | tokens/expert | dense tok/s | index MoE tok/s | index / dense "
+          f"| page faults per step dense / index | einsum tok/s | index / einsum | dropped "
+          f"| {mem_name} dense / index / einsum |")
+    print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
     for E in args.experts:
         for S in args.tokens:
-            med, mem, dropped = bench(E, S, args, device, dtype)
+            med, mem, dropped, faults = bench(E, S, args, device, dtype)
             tps = {k: S / v for k, v in med.items()}
             print(f"| {E} | {S} | {S // E} | {tps['dense']:,.0f} | {tps['index']:,.0f} | {tps['index'] / tps['dense']:.2f}x "
-                  f"| {tps['einsum']:,.0f} | {tps['index'] / tps['einsum']:.1f}x | {100 * dropped:.1f}% "
+                  f"| {faults['dense']:,.0f} / {faults['index']:,.0f} | {tps['einsum']:,.0f} | {tps['index'] / tps['einsum']:.1f}x | {100 * dropped:.1f}% "
                   f"| {mem['dense']:.0f} / {mem['index']:.0f} / {mem['einsum']:.0f} |"
-                  + "".join(f" index / {name} index {tps['index'] / tps[name]:.2f}x |" for name in args.compare),
+                  + "".join(compared_cell(name, tps) for name in args.compare),
                   flush=True)
 
 

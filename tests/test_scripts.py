@@ -176,13 +176,17 @@ def test_bench_moe_layer_prints_a_row_per_setting():
     """The layer benchmark at toy sizes: one table row per (E, tokens) with the ratio columns and one
     ratio per compared expert variant (the real sizes take minutes; the numbers are not checked)."""
     proc = sh("bench_moe_layer.py", "--dim", 16, "--ffn", 32, "--experts", 2, 4, "--tokens", 64,
-              "--reps", 1, "--threads", 1, "--compare", "grouped_mm", "fresh_grads")
+              "--reps", 1, "--threads", 1, "--compare", "grouped_mm", "fresh_grads", "experts_alone")
     rows = [l for l in proc.stdout.splitlines() if l.startswith("| ") and l[2].isdigit()]
     assert [r.split("|")[1:3] for r in rows] == [[" 2 ", " 64 "], [" 4 ", " 64 "]]
+    header = next(l for l in proc.stdout.splitlines() if l.startswith("| E |"))
+    assert "page faults per step" in header
     for row in rows:
         assert "index / grouped_mm index" in row and "index / fresh_grads index" in row
+        assert "experts alone / dense" in row
+        assert row.count("|") == header.count("|") + 3  # a cell per header column, plus one per --compare
     bad = sh("bench_moe_layer.py", "--compare", "bogus", check=False)
-    assert bad.returncode == 2 and "--compare" in bad.stderr and "fresh_grads" in bad.stderr
+    assert bad.returncode == 2 and "--compare" in bad.stderr and "experts_alone" in bad.stderr
 
 
 # ------------------------------------------------------------------ reruns, settings, paths (fast; stubbed tools)

@@ -1,7 +1,8 @@
 """Phase-switching tasks: fairseq's translation, language_modeling and masked_lm tasks with
 EvoMoE's phase controller (expert spawn at T_div, temperature and phase pushed before every train
 and valid step, a log line at each phase change). No fairseq code is patched: the tasks only wrap
-`train_step` and `valid_step`, which fairseq's trainer calls anyway."""
+`train_step`, `valid_step` and `optimizer_step` (which, before the spawn, steps the base expert
+alone: evomoe/base_expert_step.py), which fairseq's trainer calls anyway."""
 
 from dataclasses import dataclass
 
@@ -10,7 +11,9 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from ..evomoe.base_expert_step import base_expert_only
 from ..evomoe.controller import PhaseController
+from ..moe.layer import moe_layers
 
 
 class EvoMoETaskMixin:
@@ -28,6 +31,10 @@ class EvoMoETaskMixin:
     def valid_step(self, sample, model, criterion):
         self.phase_controller.before_valid_step(model)
         return super().valid_step(sample, model, criterion)
+
+    def optimizer_step(self, optimizer, model, update_num):
+        with base_expert_only(optimizer, moe_layers(model)):
+            super().optimizer_step(optimizer, model, update_num)
 
 
 @dataclass

@@ -17,10 +17,16 @@ backward (bytes of the tensors autograd saves), which is what grows with the dis
 Page faults per step (median, minor faults): on CPU, a layer whose large temporaries get fresh
 pages from the OS every step (glibc serves allocations of 32 MB and more with mmap until the heap
 has grown) runs much slower than when they are recycled, and which happens depends on what ran
-before in the process. Compare ratios only between rows where both counts are about 0.
+before in the process. By default (`--malloc recycle`, glibc only) the script therefore has glibc
+serve every allocation from its heap and keep freed memory (mallopt M_MMAP_MAX = 0,
+M_TRIM_THRESHOLD = 2 GiB), so that after the warm-up no model pays page faults and the ratios
+compare computation alone; `--malloc default` keeps glibc's own policy, as a training run has it.
+Compare ratios only between rows where both counts are about 0.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import math
 import os
 import statistics
@@ -164,6 +170,19 @@ def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
+def recycle_heap_memory() -> bool:
+    """glibc: serve every allocation from the heap (no mmap) and never give freed memory back, so
+    that repeated steps reuse the same pages instead of faulting in fresh ones. False (nothing
+    changed) where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def step_time(module, x, grad):
     """(seconds, minor page faults) of one forward + backward."""
     for p in module.parameters():
@@ -225,6 +244,9 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--quick", action="store_true", help="E in {4, 64}, 4096 tokens, 3 reps")
+    p.add_argument("--malloc", default="recycle", choices=["recycle", "default"],
+                   help="CPU memory: recycle = glibc keeps every freed allocation for reuse, so no model pays page faults "
+                   "after the warm-up (the fair comparison of computation); default = glibc's own policy (default: recycle)")
     p.add_argument("--compare", nargs="+", default=[], choices=COMPARISONS,
                    help="also time the index MoE with other expert implementations and print the default's speed "
                    "relative to each: grouped_mm = torch's grouped matmul (the CPU default is the per-group path of "
@@ -237,6 +259,9 @@ def main():
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cpu":
+        recycled = args.malloc == "recycle" and recycle_heap_memory()
+        where += ", heap memory recycled (no page faults after warm-up)" if recycled else ", glibc's default memory policy"
     print(f"MoE layer fwd+bwd, model dim {args.dim}, FFN {args.ffn}, top-1, capacity factor {args.capacity_factor}, "
           f"{args.dtype}, {where}; median of {args.reps} interleaved reps; "
           f"load average before the run {os.getloadavg()[0]:.2f} (other jobs on the machine lower the ratios)")

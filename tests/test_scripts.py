@@ -187,6 +187,33 @@ def test_bench_moe_layer_prints_a_row_per_setting():
         assert row.count("|") == header.count("|") + 3  # a cell per header column, plus one per --compare
     bad = sh("bench_moe_layer.py", "--compare", "bogus", check=False)
     assert bad.returncode == 2 and "--compare" in bad.stderr and "experts_alone" in bad.stderr
+    assert "heap memory recycled" in proc.stdout.splitlines()[0]
+    bad = sh("bench_moe_layer.py", "--malloc", "bogus", check=False)
+    assert bad.returncode == 2 and "--malloc" in bad.stderr and "recycle" in bad.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and Linux page-fault counts")
+@pytest.mark.parametrize("recycle", [False, True])
+def test_bench_recycled_heap_memory_stops_page_faults(recycle):
+    """--malloc recycle: a 64 MB tensor allocated again after a free reuses pages the heap already
+    has (no page faults, once glibc found a free chunk that fits); with glibc's default policy every
+    such allocation is a fresh mmap and faults in all its pages again (16,384 of 4 KiB, or 32 huge
+    pages). In a child process: the setting is process-wide."""
+    code = f"""
+import sys; sys.path.insert(0, {str(SCRIPTS)!r})
+import torch, bench_moe_layer as b
+if {recycle}:
+    assert b.recycle_heap_memory()
+faults = []
+for _ in range(6):
+    before = b.minor_page_faults()
+    torch.ones(16 * 2**20)  # 64 MB, written, then freed
+    faults.append(b.minor_page_faults() - before)
+print(min(faults[1:]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    fewest = int(proc.stdout.split()[-1])
+    assert fewest < 8 if recycle else fewest >= 32, fewest
 
 
 # ------------------------------------------------------------------ reruns, settings, paths (fast; stubbed tools)

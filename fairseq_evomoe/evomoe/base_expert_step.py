@@ -106,4 +106,4 @@ def base_expert_only(optimizer, layers: Iterable[MoELayer]):
         yield
     finally:
         for (t, _), s in zip(narrowed, saved):
-            _widen(t, opt.state.get(t) if t in opt.state else None, s)
+            _widen(t, opt.state.get(t), s)

@@ -28,7 +28,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
-from ..moe.expert_optimizer import keep_local_slice
+from ..moe.expert_optimizer import keep_local_slices
 from ..moe.layer import MoELayer
 from .diversify import stepped_copies, torch_optimizer
 
@@ -93,10 +93,7 @@ def base_expert_only(optimizer, layers: Iterable[MoELayer]):
         yield
         return
     opt = torch_optimizer(optimizer)
-    for p in params:  # state just loaded from a checkpoint holds all E experts until the next step
-        par = getattr(p, "expert_parallel", None)
-        if par is not None and par.is_distributed:
-            keep_local_slice(opt, p)
+    keep_local_slices(opt, params)
     alone = [(p, c) for p, c in zip(params, copies) if _steppable_alone(c.key, opt.state.get(c.key))]
     # the stepped tensors (parameters or their fp32 masters), then the model's own where they differ
     narrowed: List[Tuple[torch.Tensor, Optional[dict]]] = [(c.key, opt.state.get(c.key)) for _, c in alone]

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..moe.expert_optimizer import keep_local_slice
+from ..moe.expert_optimizer import keep_local_slices
 from ..moe.layer import MoELayer
 
 logger = logging.getLogger(__name__)
@@ -148,10 +148,7 @@ def spawn_optimizer_state(layer: MoELayer, optimizer) -> bool:
     """
     experts, gate = list(layer.experts.parameters()), list(layer.gate.parameters())
     opt = torch_optimizer(optimizer)
-    for p in experts:  # state just loaded from a checkpoint holds all E experts until the next step
-        par = getattr(p, "expert_parallel", None)
-        if par is not None and par.is_distributed:
-            keep_local_slice(opt, p)
+    keep_local_slices(opt, experts)
     copies = stepped_copies(optimizer, experts + gate)
     if copies is None:
         return False

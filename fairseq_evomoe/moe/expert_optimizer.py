@@ -119,6 +119,16 @@ def _is_per_expert(value, p) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == p.dim() and value.shape[1:] == p.shape[1:]
 
 
+def keep_local_slices(optimizer, params) -> None:
+    """keep_local_slice for each of `params` that expert parallelism spreads over workers (the
+    others hold every expert anyway): state just loaded from a checkpoint holds all E experts
+    until the next step, and the EvoMoE spawn and the base expert's step need this worker's now."""
+    for p in params:
+        par = getattr(p, "expert_parallel", None)
+        if par is not None and par.is_distributed:
+            keep_local_slice(optimizer, p)
+
+
 def keep_local_slice(optimizer, p) -> None:
     """State loaded from a checkpoint holds all E experts: keep this worker's (before the EvoMoE
     spawn, global expert 0's in every slot, as for the weights: expert_checkpoint)."""

@@ -21,7 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fairseq_evomoe.moe.experts import ExpertFFNs
-from fairseq_evomoe.moe.gates.dts import DenseToSparseGate
+from fairseq_evomoe.evomoe.dts_gate import DenseToSparseGate
+from fairseq_evomoe.evomoe.expert_diversify import DiversifyingMoELayer, DiversifyPlan
+from fairseq_evomoe.evomoe.spawn import SpawnSettings
 from fairseq_evomoe.moe.gates.top_k import Top1Gate
 from fairseq_evomoe.moe.layer import MoELayer
 
@@ -69,7 +71,8 @@ def main():
 
     anneal, tau_min = 100, 0.02
     experts = ExpertFFNs(E, args.dim, args.ffn, F.relu)
-    dts = MoELayer(DenseToSparseGate(args.dim, E, dts_args(anneal, tau_min)), experts, capacity_factor=1.0)
+    plan = DiversifyPlan(updates=1, spawn=SpawnSettings())
+    dts = DiversifyingMoELayer(DenseToSparseGate(args.dim, E, dts_args(anneal, tau_min)), experts, plan, capacity_factor=1.0)
     top1 = MoELayer(Top1Gate(args.dim, E, Namespace(moe_router_jitter=0.0)), ExpertFFNs(E, args.dim, args.ffn, F.relu),
                     capacity_factor=1.0)
     dense = nn.Sequential(nn.Linear(args.dim, args.ffn), nn.ReLU(), nn.Linear(args.ffn, args.dim))

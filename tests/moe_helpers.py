@@ -11,6 +11,8 @@ from fairseq_evomoe.moe import options as moe_options
 from fairseq_evomoe.moe.dispatch import plan_dispatch
 from fairseq_evomoe.moe.experts import ExpertFFNs
 from fairseq_evomoe.moe.gates.base import build_gate
+from fairseq_evomoe.evomoe.expert_diversify import DiversifyingMoELayer, DiversifyPlan
+from fairseq_evomoe.evomoe.spawn import SpawnSettings
 from fairseq_evomoe.moe.layer import MoELayer
 
 PAD = 1
@@ -23,13 +25,20 @@ def moe_args(**overrides) -> Namespace:
 
 
 def make_layer(gate="top1", num_experts=4, dim=16, ffn=32, capacity_factor=0.0, eval_capacity_factor=0.0,
-               drop_policy="score", seed=0, **gate_args) -> MoELayer:
+               drop_policy="score", seed=0, diversify=False, **gate_args) -> MoELayer:
+    """diversify: an EvoMoE layer in its expert-diversify phase (not spawned; the controller or
+    `layer.spawn()` spawns it), with this DiversifyPlan (True: one that never spawns by itself);
+    else a plain MoELayer."""
     torch.manual_seed(seed)
     args = moe_args(moe_gate=gate, moe_expert_count=num_experts, **gate_args)
     experts = ExpertFFNs(num_experts, dim, ffn, F.relu, 0.0)
-    layer = MoELayer(build_gate(gate, dim, num_experts, args), experts, capacity_factor=capacity_factor,
-                     eval_capacity_factor=eval_capacity_factor, drop_policy=drop_policy, padding_idx=PAD)
-    return layer
+    options = dict(capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                   drop_policy=drop_policy, padding_idx=PAD)
+    gate = build_gate(gate, dim, num_experts, args)
+    if diversify:
+        plan = diversify if isinstance(diversify, DiversifyPlan) else DiversifyPlan(updates=10**9, spawn=SpawnSettings())
+        return DiversifyingMoELayer(gate, experts, plan, **options)
+    return MoELayer(gate, experts, **options)
 
 
 def fast_and_reference(layer: MoELayer, x: torch.Tensor, token_ids=None, seed=0):
@@ -42,7 +51,7 @@ def fast_and_reference(layer: MoELayer, x: torch.Tensor, token_ids=None, seed=0)
     plan = plan_dispatch(routing, layer.num_experts, layer.capacity(x.shape[0], routing.capacity_k), layer.drop_policy)
     ref = layer.reference_forward(x, routing, plan)
     torch.manual_seed(seed)
-    fast = layer.sparse_forward(x, token_ids)
+    fast = layer.forward_tokens(x, token_ids)
     return fast, ref
 
 

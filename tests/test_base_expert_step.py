@@ -10,10 +10,10 @@ import torch
 from fairseq.optim.adafactor import Adafactor
 from fairseq.optim.adam import Adam as FairseqAdam
 from fairseq_evomoe.evomoe.base_expert_step import base_expert_only
-from fairseq_evomoe.evomoe.diversify import SpawnSettings, spawn_experts
+from fairseq_evomoe.evomoe.spawn import SpawnSettings
 
 from moe_helpers import make_layer
-from test_diversify import E, M, diversify_layer, fp16_optimizer
+from test_diversify import E, M, diversify_layer, fp16_optimizer, spawn
 
 EXPERT_PARAMS = ("experts.fc1_weight", "experts.fc1_bias", "experts.fc2_weight", "experts.fc2_bias")
 
@@ -114,9 +114,9 @@ def test_the_other_slots_keep_zero_moments_and_the_spawn_gives_them_the_base_one
     state = opt.optimizer.state[w]
     assert state["exp_avg"].shape == w.shape and state["exp_avg"][0].abs().sum() > 0
     assert not state["exp_avg"][1:].any() and not state["exp_avg_sq"][1:].any()
-    from fairseq_evomoe.evomoe.diversify import spawn_optimizer_state
+    from fairseq_evomoe.evomoe.spawn import spawn_optimizer_state
 
-    spawn_experts(layer, SpawnSettings("mask", 0.5, seed=1))
+    spawn(layer, SpawnSettings("mask", 0.5, seed=1))
     assert spawn_optimizer_state(layer, opt)
     for e in range(1, E):
         assert torch.equal(state["exp_avg_sq"][e], state["exp_avg_sq"][0])
@@ -173,8 +173,7 @@ def test_adafactor_state_of_ambiguous_shape_is_stepped_whole():
     """A [E, F] bias with F == E: Adafactor's row ([E]) and column ([F]) statistics have the same
     shape, so which one is per expert cannot be told; that parameter is stepped whole (it used to
     crash with a shape error), the others still alone."""
-    layer = make_layer("dts", num_experts=4, dim=M, ffn=4, capacity_factor=1.0, seed=0)
-    layer.spawned.fill_(False)
+    layer = make_layer("dts", num_experts=4, dim=M, ffn=4, capacity_factor=1.0, seed=0, diversify=True)
     start = {n: p.detach().clone() for n, p in layer.named_parameters()}
     opt = Wrapped(Adafactor(layer.parameters(), lr=1e-2, relative_step=False))
     seen = shapes_seen_by(opt.optimizer)

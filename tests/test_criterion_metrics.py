@@ -161,8 +161,9 @@ def test_expert_load_shares_are_pooled_and_sparse_only():
             for e in range(E):
                 assert got[f"moe_load_{name}_e{e}"] == pytest.approx(float(load[e] / load.sum()), abs=1.5e-3)
     # the dense (expert-diversify) phase: one expert takes every token; no share keys
-    for layer in model:
-        layer.spawned.fill_(False)
+    model = nn.ModuleList([make_layer("top2", num_experts=E, seed=0, diversify=True),
+                           make_layer("top1", num_experts=E, seed=1, diversify=True)]).train()
+    model[0].layer_name, model[1].layer_name = "enc0", "dec0"
     dense_logs, _ = run_batches(model, (64, 3), per_expert=True)
     got = reduce(dense_logs)
     assert not [k for k in got if k.startswith("moe_load_")]

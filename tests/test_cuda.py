@@ -82,12 +82,11 @@ def test_bf16_grouped_path_matches_the_reference():
 def test_spawn_on_cuda_matches_cpu():
     """The expert spawn and the fresh gate are drawn from seeded CPU generators, so a spawn on a
     GPU gives exactly the CPU result."""
-    from fairseq_evomoe.evomoe.diversify import SpawnSettings, spawn_experts
+    from fairseq_evomoe.evomoe.spawn import SpawnSettings, spawn_experts
 
-    cpu = make_layer("dts", num_experts=4, dim=32, ffn=64, seed=0)
-    gpu = make_layer("dts", num_experts=4, dim=32, ffn=64, seed=0).cuda()
+    cpu = make_layer("dts", num_experts=4, dim=32, ffn=64, seed=0, diversify=True)
+    gpu = make_layer("dts", num_experts=4, dim=32, ffn=64, seed=0, diversify=True).cuda()
     for layer in (cpu, gpu):
-        layer.spawned.fill_(False)
         layer.layer_name = "dec1"
     for mode in ("mask", "reinit", "noise", "copy"):
         spawn_experts(cpu, SpawnSettings(mode, 0.5, seed=3))
@@ -104,9 +103,8 @@ def test_amp_autocast_with_padding_on_cuda(phase, num_experts):
     backward reaches the fp32 weights."""
     from moe_helpers import PAD
 
-    layer = make_layer("top1", num_experts=num_experts, dim=64, ffn=128, capacity_factor=1.0).cuda().train()
-    if phase == "diversify":
-        layer.spawned.fill_(False)
+    layer = make_layer("top1", num_experts=num_experts, dim=64, ffn=128, capacity_factor=1.0,
+                       diversify=phase == "diversify").cuda().train()
     x = torch.randn(12, 4, 64, device="cuda", requires_grad=True)
     ids = torch.randint(4, 50, (4, 12), device="cuda")
     ids[1, 7:] = PAD

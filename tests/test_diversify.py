@@ -1,13 +1,16 @@
 """Expert-diversify: the dense base expert, spawning modes, the fresh gate, optimizer state, spawn once."""
 
 from argparse import Namespace
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fairseq_evomoe.evomoe.controller import DiversifyPlan, PhaseController
-from fairseq_evomoe.evomoe.diversify import SpawnSettings, spawn_experts, spawn_optimizer_state, stepped_copies
+from fairseq_evomoe.evomoe.controller import PhaseController
+from fairseq_evomoe.evomoe.expert_diversify import DiversifyPlan
+from fairseq_evomoe.evomoe.spawn import SpawnSettings, spawn_optimizer_state
+from fairseq_evomoe.evomoe.stepped_copies import stepped_copies
 
 from moe_helpers import make_layer
 
@@ -15,10 +18,14 @@ E, M, FF = 4, 16, 32
 
 
 def diversify_layer(gate="dts", seed=0):
-    layer = make_layer(gate, num_experts=E, dim=M, ffn=FF, capacity_factor=1.0, seed=seed)
-    layer.spawned.fill_(False)
+    layer = make_layer(gate, num_experts=E, dim=M, ffn=FF, capacity_factor=1.0, seed=seed, diversify=True)
     layer.layer_name = "dec1"
     return layer
+
+
+def spawn(layer, settings: SpawnSettings) -> None:
+    layer.plan = replace(layer.plan, spawn=settings)
+    layer.spawn()
 
 
 def base_ffn(layer, x):
@@ -44,7 +51,7 @@ def test_before_the_spawn_the_layer_is_the_dense_base_ffn():
 def test_mask_spawn_masks_the_requested_fraction(ratio):
     layer = diversify_layer()
     base = layer.experts.fc1_weight[0].clone()
-    spawn_experts(layer, SpawnSettings("mask", ratio, rescale=False, seed=3))
+    spawn(layer, SpawnSettings("mask", ratio, rescale=False, seed=3))
     w = layer.experts.fc1_weight
     for e in range(E):
         kept = w[e] != 0
@@ -53,13 +60,13 @@ def test_mask_spawn_masks_the_requested_fraction(ratio):
     sigma = (ratio * (1 - ratio) / w.numel()) ** 0.5
     assert masked == pytest.approx(ratio, abs=4 * sigma)
     assert not torch.equal(w[0], w[1]), "experts must differ"
-    assert layer.is_sparse
+    assert layer.is_spawned
 
 
 def test_mask_spawn_rescale():
     layer = diversify_layer()
     base = layer.experts.fc2_weight[0].clone()
-    spawn_experts(layer, SpawnSettings("mask", 0.5, rescale=True, seed=3))
+    spawn(layer, SpawnSettings("mask", 0.5, rescale=True, seed=3))
     w = layer.experts.fc2_weight[2]
     kept = w != 0
     torch.testing.assert_close(w[kept], base[kept] * 2)
@@ -68,7 +75,7 @@ def test_mask_spawn_rescale():
 def test_reinit_copy_and_noise_spawns():
     layer = diversify_layer()
     base = layer.experts.fc1_weight[0].clone()
-    spawn_experts(layer, SpawnSettings("reinit", 0.5, seed=1))
+    spawn(layer, SpawnSettings("reinit", 0.5, seed=1))
     w = layer.experts.fc1_weight
     same = w[1] == base
     assert 0.4 < same.float().mean().item() < 0.6
@@ -76,12 +83,12 @@ def test_reinit_copy_and_noise_spawns():
 
     layer = diversify_layer()
     base = layer.experts.fc1_weight[0].clone()
-    spawn_experts(layer, SpawnSettings("copy", seed=1))
+    spawn(layer, SpawnSettings("copy", seed=1))
     assert all(torch.equal(layer.experts.fc1_weight[e], base) for e in range(E))
 
     layer = diversify_layer()
     base = layer.experts.fc1_weight[0].clone()
-    spawn_experts(layer, SpawnSettings("noise", noise_scale=0.1, seed=1))
+    spawn(layer, SpawnSettings("noise", noise_scale=0.1, seed=1))
     diff = layer.experts.fc1_weight[3] - base
     assert diff.abs().max() > 0
     assert diff.std().item() == pytest.approx(0.1 * base.std().item(), rel=0.2)
@@ -90,13 +97,13 @@ def test_reinit_copy_and_noise_spawns():
 def test_spawn_is_seeded_and_refreshes_the_gate():
     a, b = diversify_layer(seed=0), diversify_layer(seed=0)
     gate_before = a.gate.router.wg.weight.clone()
-    spawn_experts(a, SpawnSettings("mask", 0.5, seed=7))
-    spawn_experts(b, SpawnSettings("mask", 0.5, seed=7))
+    spawn(a, SpawnSettings("mask", 0.5, seed=7))
+    spawn(b, SpawnSettings("mask", 0.5, seed=7))
     assert torch.equal(a.experts.fc1_weight, b.experts.fc1_weight)
     assert torch.equal(a.gate.router.wg.weight, b.gate.router.wg.weight)
     assert not torch.equal(a.gate.router.wg.weight, gate_before), "the gate is freshly initialised"
     c = diversify_layer(seed=0)
-    spawn_experts(c, SpawnSettings("mask", 0.5, seed=8))
+    spawn(c, SpawnSettings("mask", 0.5, seed=8))
     assert not torch.equal(a.experts.fc1_weight, c.experts.fc1_weight)
 
 
@@ -108,7 +115,7 @@ def test_spawned_experts_inherit_the_base_optimizer_moments_and_the_gate_starts_
         opt.zero_grad()
         layer(torch.randn(8, M)).pow(2).sum().backward()
         opt.step()
-    spawn_experts(layer, SpawnSettings("mask", 0.5, seed=1))
+    spawn(layer, SpawnSettings("mask", 0.5, seed=1))
     wrapper = Namespace(optimizer=opt)  # the shape of fairseq's optimizer wrappers
     assert spawn_optimizer_state(layer, wrapper)
     state = opt.state[layer.experts.fc1_weight]
@@ -128,15 +135,15 @@ def test_spawned_experts_inherit_the_base_optimizer_moments_and_the_gate_starts_
 
 def test_controller_spawns_exactly_once():
     layer = diversify_layer()
-    layer.evomoe = DiversifyPlan(updates=5, spawn=SpawnSettings("mask", 0.5, seed=1))
+    layer.plan = DiversifyPlan(updates=5, spawn=SpawnSettings("mask", 0.5, seed=1))
     model = torch.nn.Sequential(layer)
     model.set_num_updates = lambda n: None
     ctl = PhaseController()
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     ctl.before_train_step(model, Namespace(optimizer=opt), 4)
-    assert not layer.is_sparse
+    assert not layer.is_spawned
     ctl.before_train_step(model, Namespace(optimizer=opt), 5)
-    assert layer.is_sparse
+    assert layer.is_spawned
     after = layer.experts.fc1_weight.clone()
     ctl.before_train_step(model, Namespace(optimizer=opt), 6)  # e.g. after a resume past the spawn
     assert torch.equal(layer.experts.fc1_weight, after)
@@ -208,7 +215,7 @@ def test_spawn_reaches_the_fp32_master_copies(kind):
         opt.zero_grad()
         opt.backward(layer(torch.randn(8, M, device=dev, dtype=dtype)).pow(2).sum())
         opt.step()
-    spawn_experts(layer, SpawnSettings("mask", 0.5, seed=1))
+    spawn(layer, SpawnSettings("mask", 0.5, seed=1))
     spawned = {n: p.detach().clone() for n, p in layer.named_parameters()}
     assert spawn_optimizer_state(layer, opt)
     copies = dict(zip(spawned, stepped_copies(opt, params)))

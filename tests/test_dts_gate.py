@@ -110,19 +110,18 @@ def test_option_errors_name_the_option():
 def test_resumed_run_keeps_the_saved_schedule_whatever_its_max_update():
     """Phase lengths given as fractions of --max-update (the *_evomoe* defaults) must not move when
     a run is resumed with a larger --max-update: the checkpoint's T_div, D and H are kept."""
-    from fairseq_evomoe.evomoe.controller import DiversifyPlan
-    from fairseq_evomoe.evomoe.diversify import SpawnSettings
+    from fairseq_evomoe.evomoe.expert_diversify import DiversifyPlan
+    from fairseq_evomoe.evomoe.spawn import SpawnSettings
 
     def layer(max_update):
         fractions = dict(max_update=max_update, evomoe_diversify_updates=0.1, dts_anneal_updates=0.5)
-        m = make_layer("dts", num_experts=8, capacity_factor=1.0, **fractions)
-        m.set_diversify_plan(DiversifyPlan(int(0.1 * max_update), SpawnSettings("mask", 0.5, seed=1)))
-        return m
+        plan = DiversifyPlan(int(0.1 * max_update), SpawnSettings("mask", 0.5, seed=1))
+        return make_layer("dts", num_experts=8, capacity_factor=1.0, diversify=plan, **fractions)
 
     trained, resumed = layer(10000), layer(20000)
     assert resumed.gate.schedule != trained.gate.schedule
     resumed.load_state_dict(trained.state_dict())
-    assert resumed.evomoe.updates == 1000
+    assert resumed.plan.updates == 1000
     for n in (999, 1500, 5999, 6000, 6500, 10000, 15000):
         for m in (trained, resumed):
             m.gate.set_num_updates(n)
@@ -131,4 +130,4 @@ def test_resumed_run_keeps_the_saved_schedule_whatever_its_max_update():
     old = {k: v for k, v in trained.state_dict().items() if k not in ("spawn_update", "gate.schedule_updates")}
     fresh = layer(20000)
     fresh.load_state_dict(old)
-    assert fresh.evomoe.updates == 2000 and fresh.gate.schedule.diversify_updates == 2000
+    assert fresh.plan.updates == 2000 and fresh.gate.schedule.diversify_updates == 2000

@@ -1,7 +1,7 @@
 """Expert parallelism over torch.distributed (gloo, CPU, 2 processes; 4 for the placements of W = 4).
 
 (a) the all_to_all MoE layer equals a single-process layer holding every expert: outputs, input
-    gradients, gate gradients (summed over workers) and expert gradients (x W, see moe/parallel.py),
+    gradients, gate gradients (summed over workers) and expert gradients (x W, see moe/parallel/exchange.py),
     including workers with 0 tokens, experts with 0 tokens, top-2 (uneven splits) and replicated
     experts (E < W); bad E/W combinations fail at build; expert checkpoint hooks gather and slice.
     The optimizer side: the gradient norm (and clipping) counts every expert once, and the
@@ -38,22 +38,29 @@ WORLD = 2
 # ------------------------------------------------------------------------------------------
 
 
-def _layer_pair(gate, num_experts, world, rank, dim=8, ffn=16):
-    """A single-process layer with all experts, and the expert-parallel copy of it for `rank`."""
+def _layer_pair(gate, num_experts, world, rank, dim=8, ffn=16, diversify=False):
+    """A single-process layer with all experts, and the expert-parallel copy of it for `rank` (with
+    diversify, an EvoMoE layer before its spawn: every worker holds the base expert)."""
     from moe_helpers import make_layer
 
     from fairseq_evomoe.moe.layer import MoELayer
-    from fairseq_evomoe.moe.parallel import ExpertParallel
+    from fairseq_evomoe.moe.parallel.placement import ExpertPlacement
+    from fairseq_evomoe.evomoe.expert_diversify import DiversifyingMoELayer, DiversifyPlan
+    from fairseq_evomoe.evomoe.spawn import SpawnSettings
+    from fairseq_evomoe.models.moe_stack import distribute_experts
 
     # top-2 with a deterministic second expert: sampled policies draw per token, and a worker sees
     # a different slice of the batch than the single process
     extra = {"moe_second_expert_policy": "all"} if gate == "top2" else {}
     ref = make_layer(gate=gate, num_experts=num_experts, dim=dim, ffn=ffn, capacity_factor=0.0, seed=3, **extra)
-    par = ExpertParallel.from_environment(num_experts)
+    par = ExpertPlacement.from_environment(num_experts)
     assert (par.world_size, par.rank) == (world, rank)
-    experts = par.localize(copy.deepcopy(ref.experts))
-    layer = MoELayer(copy.deepcopy(ref.gate), experts, capacity_factor=0.0, padding_idx=ref.padding_idx, parallel=par)
-    return ref, layer, par
+    experts = distribute_experts(copy.deepcopy(ref.experts), par)
+    options = dict(capacity_factor=0.0, padding_idx=ref.padding_idx, placement=par)
+    if diversify:
+        plan = DiversifyPlan(updates=10**9, spawn=SpawnSettings())
+        return ref, DiversifyingMoELayer(copy.deepcopy(ref.gate), experts, plan, **options), par
+    return ref, MoELayer(copy.deepcopy(ref.gate), experts, **options), par
 
 
 def _tokens(sizes, dim, seed):
@@ -62,7 +69,7 @@ def _tokens(sizes, dim, seed):
 
 
 def _check_case(rank, world, gate, num_experts, sizes, seed):
-    from fairseq_evomoe.moe.expert_checkpoint import gather_experts
+    from fairseq_evomoe.moe.parallel.checkpoint import gather_experts
 
     ref, layer, par = _layer_pair(gate, num_experts, world, rank)
     xs, gs = _tokens(sizes, 8, seed)
@@ -70,13 +77,13 @@ def _check_case(rank, world, gate, num_experts, sizes, seed):
     # reference: every worker's tokens through all experts in one layer (dropless routing is per token)
     x_all = torch.cat(xs).requires_grad_(True)
     torch.manual_seed(0)
-    y_all = ref.sparse_forward(x_all, None)
+    y_all = ref.forward_tokens(x_all, None)
     (y_all * torch.cat(gs)).sum().backward()
 
     # expert parallel: this worker's tokens only
     x = xs[rank].clone().requires_grad_(True)
     torch.manual_seed(0)
-    y = layer.sparse_forward(x, None)
+    y = layer.forward_tokens(x, None)
     (y * gs[rank]).sum().backward()
 
     lo = sum(sizes[:rank])
@@ -110,14 +117,13 @@ def _check_case(rank, world, gate, num_experts, sizes, seed):
             layer.state_dict()
     full_sd = {f"experts.{k}": v for k, v in ref.experts.state_dict().items()}
     full_sd.update({f"gate.{k}": v for k, v in ref.gate.state_dict().items()})
-    full_sd["spawned"] = ref.spawned
     layer.load_state_dict(full_sd)
     torch.testing.assert_close(layer.experts.fc1_weight.detach(), ref.experts.fc1_weight.detach()[experts])
 
 
 def _check_raw_exchange(rank, world):
     """all_to_all with uneven and empty splits, forward and backward (2 workers)."""
-    from fairseq_evomoe.moe.parallel import all_to_all
+    from fairseq_evomoe.moe.parallel.collectives import all_to_all
 
     x = torch.arange(3.0 * (rank + 1)).reshape(-1, 1).requires_grad_(True)  # rank 0: 3 rows, rank 1: 6 rows
     in_splits = [1, 2] if rank == 0 else [6, 0]
@@ -129,10 +135,10 @@ def _check_raw_exchange(rank, world):
 
 
 def _check_bad_placement(rank, world):
-    from fairseq_evomoe.moe.parallel import ExpertParallel
+    from fairseq_evomoe.moe.parallel.placement import ExpertPlacement
 
     with pytest.raises(ValueError, match=r"--moe-expert-count 3 .*world size of 2"):
-        ExpertParallel.from_environment(3)
+        ExpertPlacement.from_environment(3)
 
 
 def _worker(rank, world, init_file, checks):
@@ -201,23 +207,22 @@ def _as_after_fairseq_all_reduce(layer, ref, world):
 
 def _check_optimizer_side(rank, world, num_experts, diversify):
     """Gradient norm and clipping count every expert once; the optimizer's expert state is saved
-    complete from rank 0 and sliced again on load (moe/expert_optimizer.py)."""
+    complete from rank 0 and sliced again on load (moe/parallel/grad_norm.py, optimizer_state.py)."""
     from fairseq import utils
 
-    ref, layer, par = _layer_pair("top1", num_experts, world, rank)
+    ref, layer, par = _layer_pair("top1", num_experts, world, rank, diversify=diversify)
     xs, gs = _tokens([23, 17, 0, 12][:world], 8, 7)
     x_all = torch.cat(xs)
     if diversify:  # EvoMoE's base expert: every worker holds a copy (global expert 0)
-        par.share_base_expert(layer.experts)
         (ref.experts.forward_one(x_all, 0) * torch.cat(gs)).sum().backward()
-        (par.run_base_expert(layer.experts, xs[rank]) * gs[rank]).sum().backward()
+        (layer.base_expert_forward(xs[rank]) * gs[rank]).sum().backward()
         for p in layer.gate.parameters():
             p.grad = torch.zeros_like(p)
         for p in ref.gate.parameters():
             p.grad = torch.zeros_like(p)
     else:
-        (ref.sparse_forward(x_all, None) * torch.cat(gs)).sum().backward()
-        (layer.sparse_forward(xs[rank], None) * gs[rank]).sum().backward()
+        (ref.forward_tokens(x_all, None) * torch.cat(gs)).sum().backward()
+        (layer.forward_tokens(xs[rank], None) * gs[rank]).sum().backward()
     mine, full = _as_after_fairseq_all_reduce(layer, ref, world)
 
     want = utils.clip_grad_norm_(full, 0.0)  # one process: nothing tagged, every expert counted

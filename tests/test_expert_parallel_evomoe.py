@@ -11,6 +11,7 @@
 """
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -71,25 +72,27 @@ def test_dts_phases_run_on_two_workers(mt_data, tmp_path):
 def _check_resume_before_spawn(rank, world):
     from moe_helpers import make_layer
 
-    from fairseq_evomoe.evomoe.diversify import SpawnSettings, spawn_experts, spawn_optimizer_state
-    from fairseq_evomoe.moe import expert_optimizer
-    from fairseq_evomoe.moe.layer import MoELayer
-    from fairseq_evomoe.moe.parallel import ExpertParallel
+    from fairseq_evomoe.evomoe.expert_diversify import DiversifyingMoELayer, load_base_expert_state
+    from fairseq_evomoe.evomoe.spawn import SpawnSettings, spawn_optimizer_state
+    from fairseq_evomoe.models.moe_stack import distribute_experts
+    from fairseq_evomoe.moe.parallel import optimizer_state
+    from fairseq_evomoe.moe.parallel.placement import ExpertPlacement
 
     # one process in the expert-diversify phase: an Adam step trains the base expert (slot 0) only
-    ref = make_layer(gate="top1", num_experts=4, dim=8, ffn=16, seed=3)
-    ref.spawned.fill_(False)
+    settings = SpawnSettings("mask", 0.5, seed=1)
+    ref = make_layer(gate="top1", num_experts=4, dim=8, ffn=16, seed=3, diversify=True)
+    ref.plan = replace(ref.plan, spawn=settings)
     ref.layer_name = "dec1"
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
     ref_opt = torch.optim.Adam(list(ref.gate.parameters()) + list(ref.experts.parameters()), lr=0.01)
-    ref.dense_forward(x).pow(2).sum().backward()
+    ref.base_expert_forward(x).pow(2).sum().backward()
     ref_opt.step()
     model_sd, opt_sd = copy.deepcopy(ref.state_dict()), copy.deepcopy(ref_opt.state_dict())
 
     def resumed():  # built as build_moe_layer builds it on 2 workers, then --restore-file
-        par = ExpertParallel.from_environment(4)
-        layer = MoELayer(copy.deepcopy(ref.gate), par.localize(copy.deepcopy(ref.experts)), diversify=True,
-                         padding_idx=ref.padding_idx, parallel=par)
+        par = ExpertPlacement.from_environment(4)
+        layer = DiversifyingMoELayer(copy.deepcopy(ref.gate), distribute_experts(copy.deepcopy(ref.experts), par),
+                                     ref.plan, padding_idx=ref.padding_idx, placement=par)
         layer.layer_name = "dec1"
         layer.load_state_dict(model_sd)
         opt = torch.optim.Adam(list(layer.gate.parameters()) + list(layer.experts.parameters()), lr=0.01)
@@ -101,22 +104,23 @@ def _check_resume_before_spawn(rank, world):
     # resumed within the diversify phase: every worker's slots hold the base expert and its moments
     layer, opt = resumed()
     with torch.no_grad():
-        torch.testing.assert_close(layer.dense_forward(x), ref.dense_forward(x))
+        torch.testing.assert_close(layer.base_expert_forward(x), ref.base_expert_forward(x))
     assert torch.equal(layer.experts.fc1_weight, ref.experts.fc1_weight[0:1].expand_as(layer.experts.fc1_weight))
-    expert_optimizer._before_step(opt, (), {})  # what torch runs at opt.step(): keep the local slice
+    load_base_expert_state(layer, opt)  # what the evomoe task's controller runs before a train step
+    optimizer_state.before_step(opt, (), {})  # what torch runs at opt.step(): keep the local slice
     for key, want in base_moments.items():
         got = opt.state[layer.experts.fc1_weight][key]
         assert all(torch.equal(g, want) for g in got), key
 
     # resumed at T_div: the evomoe task spawns before the first step, with the full state still loaded
     layer, opt = resumed()
-    settings = SpawnSettings("mask", 0.5, seed=1)
-    spawn_experts(ref, settings)
+    ref.spawn()
     assert spawn_optimizer_state(ref, ref_opt)
-    spawn_experts(layer, settings)
+    load_base_expert_state(layer, opt)
+    layer.spawn()
     assert spawn_optimizer_state(layer, opt)
-    expert_optimizer._before_step(opt, (), {})
-    local = list(layer.parallel.local_experts)
+    optimizer_state.before_step(opt, (), {})
+    local = list(layer.placement.local_experts)
     torch.testing.assert_close(layer.experts.fc1_weight, ref.experts.fc1_weight[local])
     for key in base_moments:
         torch.testing.assert_close(opt.state[layer.experts.fc1_weight][key], ref_opt.state[ref.experts.fc1_weight][key][local])

@@ -175,10 +175,8 @@ def test_autocast_with_padding(gate, phase, path, monkeypatch):
 
     if path == "loop":
         monkeypatch.setattr(experts_module, "grouped_mm_preferred", lambda x, num_experts: False)
-    layer = make_layer(gate, capacity_factor=1.0).train()
+    layer = make_layer(gate, capacity_factor=1.0, diversify=phase == "diversify").train()
     layer.experts.activation_dropout = 0.1  # (the CPU's own group path has no dropout, so the loop runs)
-    if phase == "diversify":
-        layer.spawned.fill_(False)
     T, B, M = 6, 2, 16
     x = torch.randn(T, B, M, requires_grad=True)
     ids = token_ids_for(T * B).view(B, T)
@@ -240,23 +238,23 @@ def test_experts_in_their_own_compute_dtype(autocast):
 
 
 def test_phase_flag_follows_the_spawned_buffer():
-    """is_sparse caches the `spawned` buffer (reading it on a GPU waits for the GPU); every way
+    """is_spawned caches the `spawned` buffer (reading it on a GPU waits for the GPU); every way
     the buffer changes is seen."""
     import copy
     import pickle
 
-    layer = make_layer("top1")
-    assert layer.is_sparse
-    layer.spawned.fill_(False)
-    assert not layer.is_sparse
-    layer.load_state_dict({**layer.state_dict(), "spawned": torch.tensor(True)})
-    assert layer.is_sparse
-    layer.spawned = torch.tensor(False)
-    assert not layer.is_sparse
+    layer = make_layer("top1", diversify=True)
+    assert not layer.is_spawned and not layer.gate_routes
+    layer.spawned.fill_(True)
+    assert layer.is_spawned and layer.gate_routes
+    layer.load_state_dict({**layer.state_dict(), "spawned": torch.tensor(False)})
+    assert not layer.is_spawned
+    layer.spawned = torch.tensor(True)
+    assert layer.is_spawned
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert not clone.is_sparse
-        clone.spawned.fill_(True)
-        assert clone.is_sparse and not layer.is_sparse
+        assert clone.is_spawned
+        clone.spawned.fill_(False)
+        assert not clone.is_spawned and layer.is_spawned
 
 
 def test_capacity_drops_lowest_scores_and_keeps_counts():
@@ -309,7 +307,7 @@ def test_dropped_tokens_pass_through_as_zero():
     layer = make_layer("top1", capacity_factor=0.1)
     layer.train()
     x = torch.randn(50, 16)
-    out = layer.sparse_forward(x, None)
+    out = layer.forward_tokens(x, None)
     routing = layer.gate(x, None)
     plan = plan_dispatch(routing, 4, layer.capacity(50, 1), "score")
     dropped = torch.ones(50, dtype=torch.bool)
@@ -387,7 +385,7 @@ def test_token_level_drop_statistics(gate):
     layer.train()
     x = torch.randn(60, 16)
     torch.manual_seed(1)
-    layer.sparse_forward(x, None)
+    layer.forward_tokens(x, None)
     torch.manual_seed(1)
     routing = layer.gate(x, None)
     plan = plan_dispatch(routing, 4, layer.capacity(60, routing.capacity_k), "score")
@@ -406,7 +404,8 @@ def test_expert_group_paths_agree(activation):
     same outputs and gradients, with experts that get no rows."""
     import torch.nn.functional as F
 
-    from fairseq_evomoe.moe.experts import ExpertFFNs, grouped_mm_supported
+    from fairseq_evomoe.moe.experts import ExpertFFNs
+    from fairseq_evomoe.moe.expert_grouped_mm import grouped_mm_supported
 
     torch.manual_seed(0)
     experts = ExpertFFNs(5, 16, 32, getattr(F, activation))
@@ -524,8 +523,7 @@ def test_reused_gradients_of_experts_without_tokens_are_zero():
 def test_diversify_phase_runs_the_base_expert_through_the_expert_path():
     """Before the spawn the layer is expert 0 as a dense FFN: same output and gradients as
     forward_one, no gradient for the other experts."""
-    layer = make_layer("top1", num_experts=4, dim=16, ffn=32)
-    layer.spawned.fill_(False)
+    layer = make_layer("top1", num_experts=4, dim=16, ffn=32, diversify=True)
     layer.train()
     x = torch.randn(7, 16, requires_grad=True)
     y = layer(x)

@@ -124,3 +124,23 @@ def test_expert_dtype_option_reaches_every_moe_layer():
         assert loss.dtype == torch.float32 and layers[0].experts.fc1_weight.grad.dtype == torch.float32
         losses[dtype] = loss.item()
     assert losses["bf16"] == pytest.approx(losses["auto"], rel=2e-2)
+
+
+def test_checkpoint_with_evomoe_buffers_in_every_layer_loads():
+    """Checkpoints written before EvoMoE's layer became a subclass of the MoE layer stored its
+    `spawned` and `spawn_update` buffers in every MoE layer; they still load (strictly) into a model
+    without an expert-diversify phase, and a model with one keeps its own."""
+    model, _, _ = build_lm()
+    state = model.state_dict()
+    layers = [k[: -len(".gate.router.wg.weight")] for k in state if k.endswith(".moe.gate.router.wg.weight")]
+    assert layers and not any(k.endswith(".moe.spawned") for k in state)
+    old = {**state, **{f"{m}.spawned": torch.tensor(True) for m in layers},
+           **{f"{m}.spawn_update": torch.tensor(-1) for m in layers}}
+    model.load_state_dict(old, strict=True)  # fairseq's load_state_dict upgrades the dict first
+
+    evo, _, _ = build_lm("--evomoe-diversify-updates", "5", "--max-update", "10")
+    evo_state = evo.state_dict()
+    assert all(f"{m}.spawned" in evo_state for m in layers)
+    evo_state[f"{layers[0]}.spawned"] = torch.tensor(True)
+    evo.load_state_dict(evo_state, strict=True)
+    assert moe_layers(evo)[0].is_spawned

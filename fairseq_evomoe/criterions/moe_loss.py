@@ -34,8 +34,8 @@ mean. "Assignment" = one (token, expert) pair chosen by the gate; a token sent t
   moe_unused_experts          experts that kept no token in a forward
   moe_router_entropy          mean entropy of the router distribution per token (nats)
   moe_<gate state>            gate schedule values, e.g. moe_temperature, moe_phase (mean of the outputs)
-  moe_load_<layer>_e<k>       share of kept tokens of expert k in that layer, over the sparse
-                              (post-spawn) forwards only (with --moe-log-expert-load)
+  moe_load_<layer>_e<k>       share of kept tokens of expert k in that layer, over the forwards
+                              the gate routed only (EvoMoE: after the spawn) (with --moe-log-expert-load)
 """
 
 import math
@@ -132,7 +132,7 @@ def layer_names(layers: List[MoELayer]) -> List[str]:
 
 def routing_summary(layers: List[MoELayer], per_expert: bool) -> Dict[str, float]:
     """The layers' routing counts of this forward (see COUNTS; one host sync for all of them), with
-    per_expert each expert's kept tokens (_moe_load_<layer>_e<k>, sparse forwards only), the gate
+    per_expert each expert's kept tokens (_moe_load_<layer>_e<k>, forwards the gate routed only), the gate
     state and moe_count = 1."""
     device = layers[0].metadata["tokens_per_expert"].device
     rows, loads = [], []
@@ -151,17 +151,17 @@ def routing_summary(layers: List[MoELayer], per_expert: bool) -> Dict[str, float
             load.min() / mean * n,
             (load == 0).sum().float() * n,
         ]))
-        loads.append(load if per_expert and m.is_sparse else load[:0])
+        loads.append(load if per_expert and m.gate_routes else load[:0])
     values = torch.cat([torch.stack(rows).flatten()] + loads).tolist()
     names = layer_names(layers)
     keys = [f"_moe_{c}_{name}" for name in names for c in COUNTS]
     keys += [f"_moe_load_{name}_e{e}" for name, load in zip(names, loads) for e in range(load.numel())]
     out: Dict[str, float] = dict(zip(keys, values))
-    gate_state = layers[0].gate.state_for_logging()
-    for k, v in gate_state.items():
+    state = layers[0].state_for_logging()
+    for k, v in state.items():
         out[f"moe_{k}"] = float(v)
-    # 0 = expert-diversify (dense base expert), then the gate's own phase (DTS: 1 soft, 2 hard), else 1
-    out["moe_phase"] = float(gate_state.get("phase", 1)) if layers[0].is_sparse else 0.0
+    # the layer's phase (EvoMoE: 0 expert-diversify, then the DTS gate's 1 soft, 2 hard), else 1
+    out["moe_phase"] = float(state.get("phase", 1))
     out["moe_count"] = 1
     return out
 

@@ -2,10 +2,9 @@
 
 Before the spawn, an MoE layer trains one base expert: slot 0 of its [E, ...] expert parameters.
 The other E - 1 slots get zero gradients, and the spawn overwrites them (weights and optimizer
-state alike, evomoe/diversify.py). Stepping them anyway costs E times the base expert's optimizer
-work: fairseq's Adam makes about ten passes over each weight and its two moments and allocates an
-E-sized temporary. With 16 experts in both layers of a 2-layer GPT, that made the expert-diversify
-phase 22% slower than the dense model on CPU (README, Benchmarks).
+state alike, spawn.py). Stepping them anyway costs E times the base expert's optimizer work:
+fairseq's Adam makes about ten passes over each weight and its two moments and allocates an
+E-sized temporary.
 
 `base_expert_only` shows the optimizer slot 0 alone for the length of one step. The tensors it
 steps, their gradients and their per-expert state (every state tensor whose first dimension is E:
@@ -28,9 +27,9 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
-from ..moe.expert_optimizer import keep_local_slices
-from ..moe.layer import MoELayer
-from .diversify import stepped_copies, torch_optimizer
+from ..moe.parallel.optimizer_state import keep_local_slices
+from .expert_diversify import DiversifyingMoELayer
+from .stepped_copies import stepped_copies, torch_optimizer
 
 # what narrowing a tensor saved: its full data, its full gradient, its full per-expert state, and
 # the keys its state had before the step
@@ -83,11 +82,11 @@ def _widen(t: torch.Tensor, state: Optional[dict], saved: _Saved) -> None:
 
 
 @contextmanager
-def base_expert_only(optimizer, layers: Iterable[MoELayer]):
+def base_expert_only(optimizer, layers: Iterable[DiversifyingMoELayer]):
     """Within: `optimizer` (a fairseq optimizer) steps only slot 0 of the expert parameters of the
     layers still in the expert-diversify phase. A no-op where there are none, or where the optimizer
     steps one flat master copy."""
-    params = [p for m in layers if not m.is_sparse for p in m.experts.parameters() if p.shape[0] > 1]
+    params = [p for m in layers if not m.is_spawned for p in m.experts.parameters() if p.shape[0] > 1]
     copies = stepped_copies(optimizer, params) if params else None
     if not copies or any(c.key is None for c in copies):
         yield

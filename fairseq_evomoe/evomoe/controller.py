@@ -1,35 +1,29 @@
 """The phase controller the evomoe_* tasks share: update counter -> spawn, tau, phase -> model.
 
-It holds no schedule of its own: each MoE layer carries its diversify plan (set at model build)
-and the DTS gate derives tau and the soft/hard phase from `set_num_updates`. The controller
-spawns the experts at T_div (once: the layer's `spawned` buffer is in every checkpoint), fixes the
-optimizer state of the spawned weights, pushes the update counter into the model before train and
-valid steps, and logs a line at each phase change.
+It holds no schedule of its own: each DiversifyingMoELayer carries its diversify plan (set at
+model build) and the DTS gate derives tau and the soft/hard phase from `set_num_updates`. The
+controller spawns the experts at T_div (once: the layer's `spawned` buffer is in every checkpoint),
+fixes the optimizer state of the spawned weights, pushes the update counter into the model before
+train and valid steps, and logs a line at each phase change.
 """
 
 import logging
-from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from ..moe.layer import MoELayer, moe_layers
-from .diversify import SpawnSettings, spawn_experts, spawn_optimizer_state
+from .expert_diversify import DiversifyingMoELayer, load_base_expert_state
 from .schedule import Phase
+from .spawn import spawn_optimizer_state
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DiversifyPlan:
-    """What a layer needs to know about its expert-diversify phase."""
-
-    updates: int  # T_div: spawn before the training step of this update
-    spawn: SpawnSettings
+def diversifying_layers(model) -> List[DiversifyingMoELayer]:
+    return [m for m in moe_layers(model) if isinstance(m, DiversifyingMoELayer)]
 
 
 def layer_phase(layer: MoELayer) -> Phase:
-    if not layer.is_sparse:
-        return Phase.DIVERSIFY
-    return Phase(layer.gate.state_for_logging().get("phase", Phase.SOFT))
+    return Phase(layer.state_for_logging().get("phase", Phase.SOFT))
 
 
 class PhaseController:
@@ -38,17 +32,19 @@ class PhaseController:
         self.num_updates: Optional[int] = None
 
     def before_train_step(self, model, optimizer, update_num: int) -> None:
-        layers = moe_layers(model)
-        due = [m for m in layers if not m.is_sparse and m.evomoe is not None and update_num >= m.evomoe.updates]
+        layers = [m for m in diversifying_layers(model) if not m.is_spawned]
+        for m in layers:
+            load_base_expert_state(m, optimizer)
+        due = [m for m in layers if m.spawn_due(update_num)]
         for m in due:
-            spawn_experts(m, m.evomoe.spawn)
+            m.spawn()
             if not spawn_optimizer_state(m, optimizer):
                 raise RuntimeError(
                     f"EvoMoE: cannot find the copies of the MoE parameters that {type(optimizer).__name__} steps; "
                     "the spawn would be overwritten by the next step"
                 )
         if due:
-            s = due[0].evomoe.spawn
+            s = due[0].plan.spawn
             logger.info(
                 f"EvoMoE: spawned {due[0].num_experts} experts in each of {len(due)} MoE layers at update {update_num} "
                 f"(mode {s.mode}, mask ratio {s.mask_ratio}); gates re-initialised"
@@ -67,7 +63,7 @@ class PhaseController:
             return
         phase = layer_phase(layers[0])
         if phase != self.last_phase:
-            state = layers[0].gate.state_for_logging()
+            state = layers[0].state_for_logging()
             tau = f", tau {state['temperature']:.3f}" if "temperature" in state and phase == Phase.SOFT else ""
             logger.info(f"EvoMoE phase at update {num_updates}: {phase.name.lower()}{tau}")
             self.last_phase = phase

@@ -1,4 +1,4 @@
-"""Model options of EvoMoE's expert-diversify phase (the DTS gate's own options are in moe/gates/dts.py)."""
+"""Model options of EvoMoE's expert-diversify phase (the DTS gate's own options are in dts_gate.py)."""
 
 from dataclasses import dataclass, field
 

@@ -5,7 +5,7 @@ import logging
 
 from ..evomoe.options import validate_spawn_options
 from ..evomoe.schedule import resolve_updates
-from ..moe.parallel import distributed_world
+from ..moe.parallel.placement import distributed_world
 
 
 def check_model_against_task(args, task) -> None:

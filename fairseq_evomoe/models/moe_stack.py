@@ -34,14 +34,17 @@ from fairseq.distributed import fsdp_wrap
 from fairseq.models.transformer import TransformerConfig, TransformerDecoderBase, TransformerEncoderBase
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
-from ..evomoe.controller import DiversifyPlan
-from ..evomoe.diversify import SpawnSettings
+from .. import patches
+from ..evomoe.expert_diversify import DiversifyingMoELayer, DiversifyPlan
 from ..evomoe.schedule import resolve_updates
+from ..evomoe.spawn import SpawnSettings
 from ..moe.experts import EXPERT_DTYPES, ExpertFFNs
 from ..moe.gates.base import build_gate
 from ..moe.layer import MoELayer, moe_layers
 from ..moe.options import moe_layer_indices
-from ..moe.parallel import ExpertParallel
+from ..moe.parallel.checkpoint import install_checkpoint_hooks
+from ..moe.parallel.placement import ExpertPlacement
+from ..moe.parallel.sharding import shard_experts
 
 logger = logging.getLogger(__name__)
 
@@ -51,35 +54,46 @@ def _identity(x):
 
 
 def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, dictionary) -> MoELayer:
-    """One MoE FFN from the model's (validated) options."""
+    """One MoE FFN from the model's (validated) options: a DiversifyingMoELayer when EvoMoE's
+    expert-diversify phase is on, else a plain MoELayer. Under expert parallelism the experts are
+    sharded and the hooks that keep checkpoints complete are installed here."""
     ffn_dim = cfg.moe_expert_ffn_dim or dense_ffn_dim
     activation_dropout = getattr(cfg, "activation_dropout", 0.0) or getattr(cfg, "relu_dropout", 0.0) or 0.0
-    parallel = ExpertParallel.from_environment(cfg.moe_expert_count)
+    placement = ExpertPlacement.from_environment(cfg.moe_expert_count)
     experts = ExpertFFNs(
-        cfg.moe_expert_count,  # built whole (same init as one process), then sliced to the local experts
+        cfg.moe_expert_count,  # built whole (same init as one process), then sharded to the local experts
         model_dim,
         ffn_dim,
         utils.get_activation_fn(cfg.activation_fn),
         activation_dropout,
         compute_dtype=EXPERT_DTYPES[cfg.moe_expert_dtype],
     )
-    experts = parallel.localize(experts)
+    experts = distribute_experts(experts, placement)
     gate = build_gate(cfg.moe_gate, model_dim, cfg.moe_expert_count, cfg, dictionary=dictionary)
-    diversify_updates = resolve_updates(cfg.evomoe_diversify_updates, getattr(cfg, "max_update", 0) or 0, "--evomoe-diversify-updates")
-    moe = MoELayer(
-        gate,
-        experts,
+    layer_options = dict(
         capacity_factor=cfg.moe_capacity_factor,
         eval_capacity_factor=cfg.moe_eval_capacity_factor,
         drop_policy=cfg.moe_drop_policy,
-        diversify=diversify_updates > 0,
         padding_idx=dictionary.pad(),
-        parallel=parallel,
+        placement=placement,
     )
+    diversify_updates = resolve_updates(cfg.evomoe_diversify_updates, getattr(cfg, "max_update", 0) or 0, "--evomoe-diversify-updates")
     if diversify_updates > 0:
-        moe.set_diversify_plan(DiversifyPlan(diversify_updates, SpawnSettings.from_args(cfg)))
-        parallel.share_base_expert(experts)  # before the spawn every slot holds the base expert
-    return moe
+        plan = DiversifyPlan(diversify_updates, SpawnSettings.from_args(cfg))
+        return DiversifyingMoELayer(gate, experts, plan, **layer_options)
+    return MoELayer(gate, experts, **layer_options)
+
+
+def distribute_experts(experts: ExpertFFNs, placement: ExpertPlacement) -> ExpertFFNs:
+    """Under expert parallelism: keep this worker's experts, install the hooks that save all of
+    them and load this worker's, and the global wraps that expert parallelism needs (patches.py).
+    A no-op in one process."""
+    if not placement.is_distributed:
+        return experts
+    experts = shard_experts(experts, placement)
+    install_checkpoint_hooks(experts, placement)
+    patches.install_for_expert_parallelism()
+    return experts
 
 
 class MoEFFNMixin:
@@ -100,6 +114,16 @@ class MoEFFNMixin:
     @property
     def fc1(self):
         return self.moe
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Checkpoints written before EvoMoE's layer became a subclass stored its two buffers in
+        every MoE layer; a layer without an expert-diversify phase has neither."""
+        if not isinstance(self.moe, DiversifyingMoELayer):
+            for buffer in ("spawned", "spawn_update"):
+                state_dict.pop(f"{name}.moe.{buffer}", None)
+        upgrade = getattr(super(), "upgrade_state_dict_named", None)
+        if upgrade is not None:
+            upgrade(state_dict, name)
 
 
 class MoETransformerEncoderLayer(MoEFFNMixin, TransformerEncoderLayerBase):

@@ -10,7 +10,7 @@ from fairseq.models.roberta.model import (
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
 
 from ..moe import options as moe_options
-from ..moe.expert_checkpoint import ExpertParallelModelMixin
+from ..moe.parallel.checkpoint import ExpertParallelModelMixin
 from .model_checks import check_model_against_task, plain_args
 from .moe_stack import MoETransformerEncoder
 
@@ -20,9 +20,7 @@ class RobertaMoEEncoder(RobertaEncoder):
         encoder = MoETransformerEncoder(args, dictionary, embed_tokens)
         encoder.apply(init_bert_params)
         for moe in encoder.moe_layers:  # BERT init for the experts too (they are not nn.Linear)
-            moe.parallel.reset_experts(moe.experts, std=0.02)  # the local slice of a full-E draw
-            if moe.evomoe is not None:
-                moe.parallel.share_base_expert(moe.experts)
+            moe.reset_experts(std=0.02)
         return encoder
 
 

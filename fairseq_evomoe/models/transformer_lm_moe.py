@@ -5,7 +5,7 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerLanguageModelConfig, base_lm_architecture
 
 from ..moe import options as moe_options
-from ..moe.expert_checkpoint import ExpertParallelModelMixin
+from ..moe.parallel.checkpoint import ExpertParallelModelMixin
 from .model_checks import check_model_against_task, plain_args
 from .moe_stack import MoETransformerDecoder
 

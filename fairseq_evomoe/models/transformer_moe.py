@@ -9,7 +9,7 @@ from fairseq.models.transformer.transformer_legacy import (
 )
 
 from ..moe import options as moe_options
-from ..moe.expert_checkpoint import ExpertParallelModelMixin
+from ..moe.parallel.checkpoint import ExpertParallelModelMixin
 from .moe_stack import MoETransformerDecoder, MoETransformerEncoder
 from .model_checks import check_model_against_task, plain_args
 

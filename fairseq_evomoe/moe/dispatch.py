@@ -57,8 +57,8 @@ def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[int], p
     Within an expert, earlier choice ranks come first; then higher priority (policy `score`,
     batch-prioritized routing) or lower token index (policy `position`, arrival order).
     With a capacity, the number of kept assignments is read on the host (on a GPU the one wait for
-    the device in a top-1 or top-2 layer; README, Benchmarks, says why the dropped ones are not
-    instead run and discarded).
+    the device in a top-1 or top-2 layer); running the dropped ones and discarding their output
+    would avoid the wait but was slower on an H100 when many are dropped (docs/benchmarks.md).
     """
     expert = routing.expert_idx
     routed_counts = count_per_expert(expert, num_experts)

@@ -8,7 +8,6 @@ After each forward the layer leaves `self.metadata`: its balance loss and z-loss
 graph) and routing statistics (detached tensors, no host sync), which the MoE criteria read.
 """
 
-from dataclasses import replace
 from typing import Dict, List, Optional
 
 import torch
@@ -18,7 +17,9 @@ from torch import Tensor
 from .dispatch import DispatchPlan, expert_capacity, plan_dispatch
 from .experts import ExpertFFNs
 from .gates.base import Gate, Routing
-from .parallel import ExpertParallel
+from .parallel.exchange import run_experts
+from .parallel.placement import ExpertPlacement
+from .parallel.sharding import reset_experts
 
 
 class MoELayer(nn.Module):
@@ -29,9 +30,8 @@ class MoELayer(nn.Module):
         capacity_factor: float = 1.0,
         eval_capacity_factor: float = 0.0,
         drop_policy: str = "score",
-        diversify: bool = False,
         padding_idx: Optional[int] = None,
-        parallel: Optional[ExpertParallel] = None,
+        placement: Optional[ExpertPlacement] = None,
     ):
         super().__init__()
         self.gate = gate
@@ -41,53 +41,21 @@ class MoELayer(nn.Module):
         self.eval_capacity_factor = capacity_factor if eval_capacity_factor < 0 else eval_capacity_factor
         self.drop_policy = drop_policy
         self.padding_idx = padding_idx
-        self.parallel = parallel if parallel is not None else ExpertParallel.single_process(self.num_experts)
-        # False while the expert-diversify phase runs the base expert as a dense FFN
-        self.register_buffer("spawned", torch.tensor(not diversify))
-        self._spawned_cache = None
-        self.evomoe = None  # the layer's expert-diversify plan (evomoe.controller.DiversifyPlan), if any
-        # T_div of that plan (-1: none), in checkpoints, so that a resumed run spawns when it would have
-        self.register_buffer("spawn_update", torch.tensor(-1))
+        self.placement = placement if placement is not None else ExpertPlacement.single_process(self.num_experts)
         self.layer_name = ""  # set by the model, used in logs
         self.metadata: Dict[str, Tensor] = {}
         # token ids [batch, time] of the current forward, set by the encoder/decoder (RoutingContext)
         self.routing_tokens: Optional[Tensor] = None
 
     @property
-    def is_sparse(self) -> bool:
-        """bool(self.spawned), read from the device only when the buffer changed (a new tensor or
-        an in-place write such as a spawn or a checkpoint load): reading a GPU tensor makes the
-        host wait for the GPU, and this is asked on every forward."""
-        buf = self.spawned
-        cached = self._spawned_cache
-        if cached is None or cached[0] is not buf or cached[1] != buf._version:
-            cached = self._spawned_cache = (buf, buf._version, bool(buf))
-        return cached[2]
+    def gate_routes(self) -> bool:
+        """Whether the gate routes this layer's tokens (a subclass may run its experts otherwise
+        for a while; the criterion then logs no per-expert load)."""
+        return True
 
-    def set_diversify_plan(self, plan) -> None:
-        self.evomoe = plan
-        self.spawn_update.fill_(plan.updates)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        from ..evomoe.saved_schedule import saved_update_counts  # evomoe builds on this module
-
-        spawned = state_dict.get(prefix + "spawned")
-        # expert parallelism: before the spawn every worker's slots take the base expert (global 0)
-        self.parallel.loaded_before_spawn = spawned is not None and not bool(spawned)
-        saved, = saved_update_counts(state_dict, prefix + "spawn_update", self.spawn_update, "T_div")
-        if self.evomoe is not None and saved >= 0:
-            self.evomoe = replace(self.evomoe, updates=saved)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def set_num_updates(self, num_updates: int) -> None:
-        """fairseq calls this on every module before each training step and on checkpoint load.
-
-        The evomoe_* tasks spawn the experts first (and fix the optimizer state); this is the
-        fallback that keeps the spawn on schedule under any other task."""
-        if self.evomoe is not None and not self.is_sparse and num_updates >= self.evomoe.updates:
-            from ..evomoe.diversify import spawn_experts  # evomoe builds on this module
-
-            spawn_experts(self, self.evomoe.spawn)
+    def state_for_logging(self) -> Dict[str, float]:
+        """Scalars about the layer's schedule (the gate's temperature, phase...) for the criterion."""
+        return self.gate.state_for_logging()
 
     def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> Tensor:
         """x: [T, B, M] (fairseq's layout) or [S, M]; token_ids: [B, T] / [S] or None."""
@@ -105,11 +73,7 @@ class MoELayer(nn.Module):
         else:
             keep, x_tok, ids_tok = None, x_flat, ids_flat
 
-        if self.is_sparse:
-            y_tok = self.sparse_forward(x_tok, ids_tok)
-        else:
-            y_tok = self.dense_forward(x_tok)
-
+        y_tok = self.forward_tokens(x_tok, ids_tok)
         if keep is None:
             return y_tok.reshape(shape)
         # in y_tok's dtype: under --amp (autocast) the experts' matmuls return fp16 for fp32 input,
@@ -118,41 +82,23 @@ class MoELayer(nn.Module):
         out = out.index_copy(0, keep, y_tok)
         return out.reshape(shape)
 
-    # -- the two regimes -------------------------------------------------------------------
-
-    def dense_forward(self, x: Tensor) -> Tensor:
-        """Expert-diversify phase: the base expert (expert 0) as a plain FFN; no gate, no loss."""
-        y = self.parallel.run_base_expert(self.experts, x)
-        # the gate gets an exact zero gradient (keeps data-parallel reducers consistent)
-        zero = sum((p.sum() for p in self.gate.parameters()), x.new_zeros((), dtype=torch.float)) * 0.0
-        n = x.shape[0]
-        zeros_e = x.new_zeros(self.num_experts, dtype=torch.float)
-        zeros_e[0] = n
-        self.metadata = {
-            "balance_loss": x.new_zeros((), dtype=torch.float) + zero,
-            "z_loss": x.new_zeros((), dtype=torch.float),
-            "num_tokens": torch.tensor(float(n)),
-            "tokens_per_expert": zeros_e.detach(),
-            "routed_per_expert": zeros_e.detach(),
-            "dropped_frac": torch.tensor(0.0),
-            "experts_per_token": torch.tensor(1.0),
-            "tokens_unserved": torch.tensor(0.0),
-            "router_entropy": torch.tensor(0.0),
-        }
-        return y + zero.to(y.dtype)
+    def reset_experts(self, std: float) -> None:
+        """normal(0, std) expert weights, zero biases (BERT-style init), as one process draws them."""
+        reset_experts(self.experts, self.placement, std)
 
     def capacity(self, num_tokens: int, k: int) -> Optional[int]:
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return expert_capacity(num_tokens, self.num_experts, factor, k)
 
-    def sparse_forward(self, x: Tensor, token_ids: Optional[Tensor]) -> Tensor:
+    def forward_tokens(self, x: Tensor, token_ids: Optional[Tensor]) -> Tensor:
+        """The mixture on the non-padding tokens x [S, M] (token_ids [S] or None)."""
         routing = self.gate(x, token_ids)
         plan = plan_dispatch(routing, self.num_experts, self.capacity(x.shape[0], routing.capacity_k), self.drop_policy)
         assign = plan.order
         tokens = routing.token_idx[assign]
         # index_select, not x[tokens]: its backward accumulates repeated tokens deterministically on CPU
         expert_in = x.index_select(0, tokens)
-        expert_out = self.parallel.run_experts(self.experts, expert_in, plan.counts)
+        expert_out = run_experts(self.placement, self.experts, expert_in, plan.counts)
         weight = routing.weight[assign].to(expert_out.dtype)
         out = expert_out.new_zeros(x.shape).index_add_(0, tokens, expert_out * weight.unsqueeze(1))
         self.metadata = self.routing_stats(routing, plan, x.shape[0], tokens)

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import torch
 from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
 
 from .dispatch import DROP_POLICIES
 from .experts import EXPERT_DTYPES
@@ -43,7 +44,7 @@ class MoEOptions(FairseqDataclass):
     moe_router_jitter: float = field(
         default=0.0, metadata={"help": "multiply router inputs by U(1-eps, 1+eps) during training (Switch); 0 = off"}
     )
-    moe_seed: int = field(default=1, metadata={"help": "seed of MoE-specific randomness (expert spawning, hash tables)"})
+    moe_seed: int = field(default=1, metadata={"help": "seed of MoE-specific randomness (hash tables, and any MoE method's own draws)"})
     moe_expert_dtype: str = field(
         default="auto",
         metadata={"help": "dtype of the experts' matmuls: auto (the model's, or autocast's under --amp) or bf16 (the "
@@ -71,8 +72,6 @@ def all_option_classes() -> List[type]:
 
 
 def add_moe_args(parser) -> None:
-    from fairseq.dataclass.utils import gen_parser_from_dataclass
-
     for cls in all_option_classes():
         gen_parser_from_dataclass(parser, cls(), delete_default=True)
 

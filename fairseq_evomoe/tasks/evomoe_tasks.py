@@ -1,8 +1,8 @@
 """Phase-switching tasks: fairseq's translation, language_modeling and masked_lm tasks with
 EvoMoE's phase controller (expert spawn at T_div, temperature and phase pushed before every train
-and valid step, a log line at each phase change). No fairseq code is patched: the tasks only wrap
-`train_step`, `valid_step` and `optimizer_step` (which, before the spawn, steps the base expert
-alone: evomoe/base_expert_step.py), which fairseq's trainer calls anyway."""
+and valid step, a log line at each phase change). The tasks override `train_step`, `valid_step`
+and `optimizer_step` (which, before the spawn, steps the base expert alone:
+evomoe/base_expert_step.py), which fairseq's trainer calls anyway."""
 
 from dataclasses import dataclass
 
@@ -12,8 +12,7 @@ from fairseq.tasks.masked_lm import MaskedLMConfig, MaskedLMTask
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from ..evomoe.base_expert_step import base_expert_only
-from ..evomoe.controller import PhaseController
-from ..moe.layer import moe_layers
+from ..evomoe.controller import PhaseController, diversifying_layers
 
 
 class EvoMoETaskMixin:
@@ -33,7 +32,7 @@ class EvoMoETaskMixin:
         return super().valid_step(sample, model, criterion)
 
     def optimizer_step(self, optimizer, model, update_num):
-        with base_expert_only(optimizer, moe_layers(model)):
+        with base_expert_only(optimizer, diversifying_layers(model)):
             super().optimizer_step(optimizer, model, update_num)
 
 

@@ -1,7 +1,7 @@
-"""Routing gates; importing this package registers every gate for `--moe-gate`."""
+"""Routing gates; importing this package registers its gates for `--moe-gate` (gates defined
+elsewhere register themselves the same way, with `register_gate`)."""
 
 from . import top_k  # noqa: F401
-from . import dts  # noqa: F401,E402
 from . import balanced  # noqa: F401,E402
 from . import hashing  # noqa: F401,E402
 from . import stable  # noqa: F401,E402

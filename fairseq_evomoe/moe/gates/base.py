@@ -31,7 +31,7 @@ class Routing:
     balance_loss, z_loss: scalar tensors (0 when the gate has none).
     extra_loss: a scalar the gate wants minimised besides the balance loss (e.g. StableMoE's
         routing distillation); the criterion adds it with weight 1 (x sample size).
-    droppable: False when capacity must not drop anything (soft DTS routing, evaluation).
+    droppable: False when capacity must not drop anything (e.g. dense-to-sparse soft routing, evaluation).
     """
 
     token_idx: Tensor
@@ -84,7 +84,7 @@ class LinearRouter(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None):
-        # nn.Linear's default bound, but drawable from a seeded generator (fresh gate at a spawn)
+        # nn.Linear's default bound, but drawable from a seeded generator (a gate re-drawn reproducibly)
         bound = 1.0 / self.wg.in_features ** 0.5
         w = self.wg.weight
         with torch.no_grad():  # drawn on the CPU (generators are per device), then moved

@@ -30,13 +30,15 @@ Optimizer state: see docs/distributed.md ("What a checkpoint keeps").
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
-from .parallel import EXPERT_PARAM_NAMES, ExpertParallel
+from ..experts import EXPERT_PARAM_NAMES
+from .collectives import gather_to_rank0
+from .placement import ExpertPlacement
 
 
-def install_expert_hooks(experts, parallel: ExpertParallel) -> None:
-    experts._expert_parallel = parallel
+def install_checkpoint_hooks(experts, placement: ExpertPlacement) -> None:
+    """Save this layer's full experts from rank 0, and load each worker's own slice (see above)."""
+    experts._expert_placement = placement
     experts._expert_snapshot = None
     if getattr(experts, "_expert_hooks_installed", False):
         return
@@ -45,9 +47,9 @@ def install_expert_hooks(experts, parallel: ExpertParallel) -> None:
     experts._expert_hooks_installed = True
 
 
-def _placement(experts):
-    par = getattr(experts, "_expert_parallel", None)
-    return par if par is not None and par.is_distributed else None
+def _placement(experts) -> Optional[ExpertPlacement]:
+    placement = getattr(experts, "_expert_placement", None)
+    return placement if placement is not None and placement.is_distributed else None
 
 
 def _local_versions(experts) -> tuple:
@@ -65,7 +67,7 @@ def _save_full_experts(experts, state_dict, prefix, local_metadata) -> None:
             "the full expert tensors are gathered on rank 0 when the model switches to evaluation (validation), "
             "and the weights changed since (or this is not rank 0). Keep validation before each save "
             "(no --disable-validation / --validate-after-updates beyond the save points), or call "
-            "fairseq_evomoe.moe.expert_checkpoint.gather_experts(model) on every rank before state_dict()."
+            "fairseq_evomoe.moe.parallel.checkpoint.gather_experts(model) on every rank before state_dict()."
         )
     for n in EXPERT_PARAM_NAMES:
         state_dict[prefix + n] = snap["tensors"][n]
@@ -75,10 +77,6 @@ def _load_local_experts(experts, state_dict, prefix, local_metadata, strict, mis
     par = _placement(experts)
     if par is None:
         return
-    # before the EvoMoE spawn the layer runs only the base expert, global expert 0, which every
-    # worker holds in all its slots (share_base_expert); a checkpoint written on another number of
-    # workers (one process: only expert 0 trained) has other weights in the other slots. The layer
-    # sets par.loaded_before_spawn from the checkpoint's `spawned` before its experts load.
     for n in EXPERT_PARAM_NAMES:
         key = prefix + n
         t = state_dict.get(key)
@@ -96,15 +94,6 @@ def _load_local_experts(experts, state_dict, prefix, local_metadata, strict, mis
 
 def expert_modules(model) -> List[torch.nn.Module]:
     return [m for m in model.modules() if getattr(m, "_expert_hooks_installed", False)]
-
-
-def gather_to_rank0(local: torch.Tensor, par: ExpertParallel) -> Optional[torch.Tensor]:
-    """Collective: the [E, ...] tensor of all experts from every worker's [E/P, ...] slice, as a CPU
-    tensor on rank 0 (None elsewhere); replicas (W > E) send theirs too, rank 0 keeps block 0's."""
-    local = local.contiguous()
-    parts = [torch.empty_like(local) for _ in range(par.world_size)] if par.rank == 0 else None
-    dist.gather(local, parts, dst=0)
-    return torch.cat(parts[: par.block_size], dim=0).cpu() if par.rank == 0 else None
 
 
 @torch.no_grad()

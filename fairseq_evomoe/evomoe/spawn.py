@@ -20,12 +20,13 @@ import logging
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 import torch
 
-from ..moe.expert_optimizer import keep_local_slices
+from ..moe.experts import EXPERT_PARAM_NAMES
 from ..moe.layer import MoELayer
+from ..moe.parallel.optimizer_state import keep_local_slices
+from .stepped_copies import stepped_copies, torch_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,11 @@ def spawn_weight(base: torch.Tensor, settings: SpawnSettings, gen: torch.Generat
 @torch.no_grad()
 def spawn_experts(layer: MoELayer, settings: SpawnSettings) -> None:
     """Turn the layer's base expert (local slot 0; every worker holds a copy) into its experts,
-    and refresh the gate (same seed on every worker)."""
+    and refresh the gate (same seed on every worker). The layer records the spawn itself
+    (expert_diversify.DiversifyingMoELayer.spawn)."""
     experts = layer.experts
-    base = {name: getattr(experts, name)[0].clone() for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")}
-    first_global = layer.parallel.first_local_expert  # seeds follow global expert ids, whatever the placement
+    base = {name: getattr(experts, name)[0].clone() for name in EXPERT_PARAM_NAMES}
+    first_global = layer.placement.first_local_expert  # seeds follow global expert ids, whatever the placement
     for e in range(experts.num_experts):
         gen = expert_generator(settings.seed, layer.layer_name, first_global + e)
         experts.fc1_weight[e].copy_(spawn_weight(base["fc1_weight"], settings, gen))
@@ -81,60 +83,6 @@ def spawn_experts(layer: MoELayer, settings: SpawnSettings) -> None:
     router = getattr(layer.gate, "router", None)
     if router is not None:
         router.reset_parameters(generator=expert_generator(settings.seed, layer.layer_name, -1))
-    layer.spawned.fill_(True)
-
-
-def torch_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside fairseq's optimizer wrappers (each exposes it as `.optimizer`)."""
-    inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer):
-        inner = inner.optimizer
-    return inner
-
-
-@dataclass
-class SteppedCopy:
-    """What the optimizer steps for one model parameter: `master` (the parameter itself, or its fp32
-    master copy or a view into fairseq's flat master copy) and its state tensors of the same shape.
-    `key` is the state's own key when the parameter has one to itself, else None (flat copies)."""
-
-    master: torch.Tensor
-    state: Dict[str, torch.Tensor]
-    key: Optional[torch.Tensor]
-
-
-def stepped_copies(optimizer, params: List[torch.Tensor]) -> Optional[List[SteppedCopy]]:
-    """SteppedCopy of each of `params`: the parameters themselves for optimizers that step the
-    model's parameters (fp32, --amp, --memory-efficient-fp16/bf16), the fp32 master copies for
-    fairseq's FP16Optimizer (--fp16/--bf16: per parameter, or slices of one flat tensor per device).
-    None for an optimizer laid out otherwise."""
-    opt = torch_optimizer(optimizer)
-    stepped = {id(p) for group in opt.param_groups for p in group["params"]}
-    if all(id(p) in stepped for p in params):
-        return [SteppedCopy(p.data, _same_shape(opt.state.get(p, {}), p, slice(None)), p) for p in params]
-    fp16, fp32 = getattr(optimizer, "fp16_params", None), getattr(optimizer, "fp32_params", None)
-    if fp16 is None or fp32 is None:
-        return None
-    if isinstance(fp32, dict):  # flat: each device's parameters laid end to end, in fp16_params order
-        where, offsets = {}, {}
-        for q in fp16:
-            start = offsets.get(q.device.index, 0)
-            where[id(q)] = (fp32[q.device.index], slice(start, start + q.numel()))
-            offsets[q.device.index] = start + q.numel()
-        copies = []
-        for p in params:
-            flat, span = where[id(p)]
-            state = _same_shape(opt.state.get(flat, {}), flat, span)
-            copies.append(SteppedCopy(flat.data[span].view_as(p), {k: v.view_as(p) for k, v in state.items()}, None))
-        return copies
-    index = {id(q): i for i, q in enumerate(fp16)}
-    masters = [fp32[index[id(p)]] for p in params]
-    return [SteppedCopy(m.data, _same_shape(opt.state.get(m, {}), m, slice(None)), m) for m in masters]
-
-
-def _same_shape(state: dict, param: torch.Tensor, span: slice) -> Dict[str, torch.Tensor]:
-    """The state tensors shaped like the parameter (Adam's moments; not its step count), sliced."""
-    return {k: v[span] for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape}
 
 
 def spawn_optimizer_state(layer: MoELayer, optimizer) -> bool:

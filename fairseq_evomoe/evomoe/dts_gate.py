@@ -16,7 +16,7 @@ balance loss:
     E * sum_e me_e * ce_e; me_e = mean over tokens of the combine weight of e (0 where unselected),
     ce_e = fraction of tokens that selected e (a token may select several). Padding never reaches a gate.
 
-tau and the phase come from `EvoMoESchedule` (evomoe/schedule.py), a pure function of the update
+tau and the phase come from `EvoMoESchedule` (schedule.py), a pure function of the update
 counter that fairseq pushes into every module through `set_num_updates`.
 """
 
@@ -27,10 +27,10 @@ import torch
 from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
 
-from ...evomoe.saved_schedule import saved_update_counts
-from ...evomoe.schedule import EvoMoESchedule, Phase
-from .base import Routing, register_gate, router_z_loss
-from .top_k import RouterGate, gumbel_noise_like
+from ..moe.gates.base import Routing, register_gate, router_z_loss
+from ..moe.gates.top_k import RouterGate, gumbel_noise_like
+from .saved_schedule import saved_update_counts
+from .schedule import EvoMoESchedule, Phase
 
 COMBINE_WEIGHTS = ("softmax", "gumbel")
 

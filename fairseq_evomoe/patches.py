@@ -1,0 +1,50 @@
+"""Every place where fairseq-evomoe changes how fairseq or torch behave beyond their extension
+points, with its reason. Each is installed here and nowhere else.
+
+Installed when the package is imported (`install_at_import`):
+
+1. `torch.serialization.add_safe_globals` with the config types fairseq stores in checkpoints
+   (checkpoint_compat.py). torch >= 2.6 loads checkpoints with `weights_only=True`, which rejects
+   them; allowlisting them keeps the safe unpickler on for everything else.
+
+Installed only when a model is built under expert parallelism, torch.distributed with more than one
+worker (`install_for_expert_parallelism`, called by models/moe_stack.py); one process never
+installs them:
+
+2. `fairseq.utils.clip_grad_norm_` is wrapped (moe/parallel/grad_norm.py). fairseq leaves the
+   experts (`p.expert`) out of the gradient norm and has no hook to add them; the wrapper calls
+   fairseq's function and adds every expert's gradient exactly once, so all workers clip by the
+   norm one process would compute.
+3. A global torch optimizer step pre-hook (`torch.optim.optimizer.register_optimizer_step_pre_hook`,
+   moe/parallel/optimizer_state.py). fairseq builds its optimizer with no hook for us; the first
+   step of an optimizer holding expert-parallel parameters gives it `consolidate_state_dict` (the
+   method fairseq calls on every rank before a save) and a `state_dict` post-hook, so checkpoints
+   hold every expert's optimizer state, and each step first slices freshly loaded state to this
+   worker's experts.
+
+Not patches, but reaching past public APIs:
+
+- moe/grad_memory.py reads `torch._C._storage_Use_Count` to reuse expert-gradient memory only when
+  nothing else holds it; without that function it never reuses.
+- The models subclass fairseq's encoders, decoders and layers and override documented methods;
+  the evomoe_* tasks subclass fairseq's tasks and override `train_step`, `valid_step` and
+  `optimizer_step`, which fairseq's trainer calls anyway.
+"""
+
+from fairseq import utils as fairseq_utils
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from .checkpoint_compat import allow_fairseq_checkpoints
+from .moe.parallel import grad_norm, optimizer_state
+
+
+def install_at_import() -> None:
+    allow_fairseq_checkpoints()
+
+
+def install_for_expert_parallelism() -> None:
+    """Patches 2 and 3 (once per process)."""
+    if getattr(fairseq_utils.clip_grad_norm_, "counts_experts", False):
+        return
+    fairseq_utils.clip_grad_norm_ = grad_norm.counting_experts(fairseq_utils.clip_grad_norm_)
+    register_optimizer_step_pre_hook(optimizer_state.before_step)

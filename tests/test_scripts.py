@@ -226,9 +226,10 @@ def _import_script(name):
     return importlib.import_module(name)
 
 
-def _fake_compare_tools(cg, monkeypatch):
+def _fake_compare_tools(monkeypatch):
     """compare_gates without fairseq: data preparation writes the marker file, training writes a log
-    with validations and a checkpoint, evaluation and plots are skipped. Returns the training calls."""
+    with validations and a checkpoint, evaluation and plots are skipped (replaced in the compare
+    package's modules, where the script's parts look them up). Returns the training calls."""
     calls = []
 
     def fake_run(cmd, out_file, env):
@@ -247,9 +248,9 @@ def _fake_compare_tools(cg, monkeypatch):
         (ckpt / "checkpoint_last.pt").write_text(f"trained {n} updates")
         calls.append(("train", cmd))
 
-    monkeypatch.setattr(cg, "_run", fake_run)
-    monkeypatch.setattr(cg, "evaluate", lambda a, task, gate, data, run_dir, env: {"ppl": 10.0})
-    monkeypatch.setattr(cg, "make_plots", lambda runs, out: [])
+    monkeypatch.setattr(_import_script("compare.commands"), "run_command", fake_run)
+    monkeypatch.setattr(_import_script("compare.evaluation"), "evaluate", lambda a, task, gate, data, run_dir, env: {"ppl": 10.0})
+    monkeypatch.setattr(_import_script("compare.report"), "make_plots", lambda runs, out: [])
     return calls
 
 
@@ -258,7 +259,7 @@ def test_compare_gates_reuses_a_result_only_with_the_same_settings(tmp_path, mon
     200 updates (not report the 20-update result as 200), keep the earlier run, and say why; data
     prepared with another vocabulary or unknown settings is never reused."""
     cg = _import_script("compare_gates")
-    calls = _fake_compare_tools(cg, monkeypatch)
+    calls = _fake_compare_tools(monkeypatch)
     work = tmp_path / "work"
     legacy = work / "data" / "wikitext-2_spm4000"  # made by someone else / an older version: no settings.json
     (legacy / "bin").mkdir(parents=True)
@@ -308,7 +309,7 @@ def test_compare_gates_paths_are_absolute(tmp_path, monkeypatch, capsys):
     """--data-dir / --work-dir / --results relative to the caller's folder, although the tools run in
     the repository root; a --data-dir that is not a folder is an error naming the option."""
     cg = _import_script("compare_gates")
-    calls = _fake_compare_tools(cg, monkeypatch)
+    calls = _fake_compare_tools(monkeypatch)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mydata").symlink_to(shared_data_dir())
     a = cg.parse_args(["--tasks", "lm", "--data-dir", "mydata", "--work-dir", "w", "--results", "r.md"])

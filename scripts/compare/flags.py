@@ -1,0 +1,132 @@
+"""The fairseq-train command of one comparison run: the gate's options from configs/gate/<gate>.yaml
+(the same files fairseq-hydra-train uses) and, for gate=evomoe, the evomoe_* phase task from
+configs/evomoe_task, added to the model, data and optimisation flags the comparison shares.
+
+The schedule values derived from --updates are functions here, so that the training command and
+the report's description of it cannot disagree."""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+from . import REPO
+
+ALL_GATES = ["dense", "switch", "top2", "base", "hash", "stablemoe", "dense_moe", "evomoe"]
+DEFAULT_GATES = ["dense", "switch", "top2", "base", "hash", "stablemoe", "evomoe"]
+TASKS = {"lm": "language_modeling", "mt": "translation"}
+
+# model sizes: (layers per stack, model dim, ffn dim, heads); moe_freq 2 -> every other layer is MoE
+SIZES = {
+    "tiny": (2, 64, 256, 2),
+    "small": (4, 128, 512, 4),
+    "base": (6, 512, 2048, 8),
+}
+
+
+def warmup_updates(updates: int) -> int:
+    """Warm-up of the inverse_sqrt learning-rate schedule: the first 10% of the updates."""
+    return max(1, updates // 10)
+
+
+def stablemoe_stage2_update(updates: int) -> int:
+    """The update at which StableMoE freezes its routing (stage 2): after 10% of the updates."""
+    return max(1, round(0.1 * updates))
+
+
+def validation_interval(a: argparse.Namespace) -> int:
+    """Updates between intermediate validations, for --validations of them over the run."""
+    return max(1, a.updates // a.validations)
+
+
+def fairseq_tool(name: str) -> str:
+    """The fairseq console script installed next to this Python, else `name` (looked up on PATH)."""
+    p = Path(sys.executable).parent / name
+    return str(p) if p.exists() else name
+
+
+def config_flags(cfg: dict) -> List[str]:
+    """Command-line flags for a gate config: key_name: value -> --key-name value, a true bool -> --key-name
+    (a false one -> nothing); Hydra interpolations (e.g. max_update: ${optimization.max_update}) are
+    skipped, since fairseq-train gets those values from its own flags."""
+    args = []
+    for k, v in cfg.items():
+        if isinstance(v, str) and v.startswith("${"):
+            continue
+        flag = "--" + str(k).replace("_", "-")
+        if isinstance(v, bool):
+            if v:
+                args.append(flag)
+        else:
+            args += [flag, str(v)]
+    return args
+
+
+def gate_options(gate: str, task: str) -> Tuple[str, List[str]]:
+    """fairseq-train options (and the task name) from configs/gate/<gate>.yaml and configs/evomoe_task."""
+    from omegaconf import OmegaConf
+
+    path = REPO / "configs" / "gate" / f"{gate}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"--gates: no config {path} for gate {gate!r}; choose from {', '.join(ALL_GATES)}")
+    args = config_flags(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    task_name = TASKS[task]
+    evo = REPO / "configs" / "evomoe_task" / f"{gate}_{task_name}.yaml"
+    if evo.is_file():
+        task_name = OmegaConf.load(evo)._name
+    return task_name, args
+
+
+def gate_options_for(a: argparse.Namespace, gate: str, task: str) -> Tuple[str, List[str]]:
+    """gate_options with this invocation's EvoMoE choices (--spawn-mode, --tau-schedule) filled in."""
+    task_name, args = gate_options(gate, task)
+    for flag, val in (("--evomoe-spawn-mode", a.spawn_mode), ("--dts-tau-schedule", a.tau_schedule)):
+        if flag in args:
+            args[args.index(flag) + 1] = val
+    return task_name, args
+
+
+def model_flags(a: argparse.Namespace, task: str) -> List[str]:
+    """Architecture and criterion: a GPT-style decoder for lm, an encoder-decoder (De->En) for mt."""
+    layers, dim, ffn, heads = SIZES[a.size]
+    if task == "lm":
+        return [
+            "--arch", "transformer_lm_moe_tiny", "--decoder-layers", str(layers), "--decoder-embed-dim", str(dim),
+            "--decoder-ffn-embed-dim", str(ffn), "--decoder-attention-heads", str(heads),
+            "--share-decoder-input-output-embed", "--tokens-per-sample", str(a.tokens_per_sample),
+            "--sample-break-mode", "none", "--criterion", "moe_cross_entropy",
+        ]
+    return [
+        "-s", "de", "-t", "en", "--arch", "transformer_moe_tiny",
+        "--encoder-layers", str(layers), "--decoder-layers", str(layers),
+        "--encoder-embed-dim", str(dim), "--decoder-embed-dim", str(dim),
+        "--encoder-ffn-embed-dim", str(ffn), "--decoder-ffn-embed-dim", str(ffn),
+        "--encoder-attention-heads", str(heads), "--decoder-attention-heads", str(heads),
+        "--share-all-embeddings", "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--dropout", "0.1",
+    ]
+
+
+def train_command(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, run_dir: Path) -> List[str]:
+    """The fairseq-train command of one run: data from `data`/bin, checkpoint, JSON log and
+    validations in `run_dir`; one checkpoint, at the final update."""
+    task_name, gate_args = gate_options_for(a, gate, task)
+    n = a.updates
+    common = [
+        fairseq_tool("fairseq-train"), str(data / "bin"), "--user-dir", str(REPO / "fairseq_evomoe"),
+        "--task", task_name, "--seed", str(seed), "--max-update", str(n),
+        "--moe-expert-count", str(a.experts), "--moe-freq", "2",
+        "--stablemoe-stage2-update", str(stablemoe_stage2_update(n)),
+        "--moe-gate-loss-wt", str(a.balance_wt), "--moe-log-expert-load",
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(a.lr),
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(warmup_updates(n)),
+        "--max-tokens", str(a.max_tokens), "--save-dir", str(run_dir / "ckpt"),
+        "--no-epoch-checkpoints", "--save-interval", "1000000", "--save-interval-updates", str(n),
+        "--keep-interval-updates", "1", "--validate-interval", "1000000",
+        "--validate-interval-updates", str(validation_interval(a)), "--max-valid-steps", str(a.max_valid_steps),
+        "--log-format", "json", "--log-interval", str(max(1, min(10, n // 20))),
+        "--log-file", str(run_dir / "train.log"), "--num-workers", "0",
+    ]
+    if not a.gpu:
+        common.append("--cpu")
+    return common + model_flags(a, task) + gate_args

@@ -1,0 +1,141 @@
+"""The resumable run store: one folder per run, <work dir>/<task>/<gate>/seed<k>.
+
+A finished run (result.json) is reused only when the settings recorded in it equal this
+invocation's (everything that feeds into its data and training, and the fairseq-train command
+itself). A run made with other settings, one retrained with --force, and an unfinished (crashed or
+interrupted) run are moved aside to seed<k>.previous-<time> and trained again: an earlier result is
+never deleted, overwritten or mixed with a new one, and the output says why it was retrained."""
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from plot_routing import parse_log, series
+
+from . import REPO, commands, evaluation
+from .data_cache import data_settings
+from .flags import gate_options_for, train_command
+from .settings import describe_changes, read_json
+
+
+def run_dir(a: argparse.Namespace, task: str, gate: str, seed: int) -> Path:
+    """The folder of one run."""
+    return a.work_dir / task / gate / f"seed{seed}"
+
+
+def move_aside(path: Path) -> Path:
+    """Rename `path` to a sibling <name>.previous-<time>[-n] that does not exist yet; returns it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        dest = path.with_name(f"{path.name}.previous-{stamp}" + (f"-{n}" if n > 1 else ""))
+        if not dest.exists():
+            path.rename(dest)
+            return dest
+
+
+def portable_command(cmd: List[str], data: Path, folder: Path) -> List[str]:
+    """A training command with the run, data and repository paths replaced by placeholders, and the
+    fairseq-train path by its name: equal for equal settings wherever the files are."""
+    subs = [(str(folder), "<run>"), (str(data), "<data>"), (str(REPO), "<repo>")]
+    norm = ["fairseq-train"]
+    for c in cmd[1:]:
+        for old, new in subs:
+            c = c.replace(old, new)
+        norm.append(c)
+    return norm
+
+
+def run_settings(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, folder: Path) -> dict:
+    """Everything that decides a run's result: stored in result.json; a result is reused only when
+    its settings equal these (the training command too, with paths replaced by placeholders)."""
+    task_name, gate_args = gate_options_for(a, gate, task)
+    s = {
+        "task": task, "gate": gate, "seed": seed, "updates": a.updates, "size": a.size, "experts": a.experts,
+        "max_tokens": a.max_tokens, "lr": a.lr, "balance_wt": a.balance_wt, "validations": a.validations,
+        "max_valid_steps": a.max_valid_steps, "device": "gpu" if a.gpu else "cpu", "fairseq_task": task_name,
+        "gate_options": gate_args, "data": data_settings(a, task),
+    }
+    if task == "lm":
+        s["tokens_per_sample"] = a.tokens_per_sample
+    s["train_command"] = portable_command(train_command(a, task, gate, seed, data, folder), data, folder)
+    return s
+
+
+def earlier_result(a: argparse.Namespace, folder: Path, settings: dict, tag: str) -> Optional[dict]:
+    """The run's earlier result when it was made with `settings` (and no --force); otherwise None,
+    with whatever the folder holds (a result with other or unknown settings, or an unfinished run)
+    moved aside and the reason printed."""
+    result_file = folder / "result.json"
+    if result_file.is_file():
+        have = read_json(result_file)
+        old = have.get("settings") if isinstance(have, dict) else None
+        if old == settings and not a.force:
+            commands.log(f"{tag}: done earlier with the same settings ({result_file})")
+            return have
+        if old == settings:
+            why = "--force"
+        elif old is None:
+            why = "its result.json does not record the settings it was made with"
+        else:
+            changes = [c for c in describe_changes(old, settings) if c != "train_command changed"]
+            why = "settings changed: " + ", ".join(changes or ["the fairseq-train command"])
+        prev = move_aside(folder)
+        commands.log(f"{tag}: {why}; the earlier run was moved to {prev}; training again")
+    elif folder.is_dir() and any(folder.iterdir()):
+        # an unfinished run (crashed or interrupted) starts over, not from a half-written state; what it
+        # saved (a checkpoint may be complete if evaluation failed) is moved aside, never deleted
+        same = read_json(folder / "settings.json") == settings
+        prev = move_aside(folder)
+        commands.log(f"{tag}: an unfinished run with {'the same' if same else 'other or unknown'} settings was moved to {prev}")
+    return None
+
+
+def valid_curve(parsed: dict) -> Tuple[list, list]:
+    """(updates, validation loss) of a parsed log; the pure task loss (inner_loss) where it is logged."""
+    key = "inner_loss" if series(parsed["valid"], "inner_loss")[0] else "loss"
+    return series(parsed["valid"], key)
+
+
+def mean_experts_per_token(parsed: dict) -> Optional[float]:
+    """Mean experts per token over the training log intervals; None without MoE layers."""
+    recs = [r for r in parsed["train"] if r.get("moe_experts_per_token") is not None]
+    if not recs:
+        return None
+    return sum(r["moe_experts_per_token"] for r in recs) / len(recs)  # log intervals have equal length
+
+
+def run_one(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, env: Dict[str, str],
+            idx: int, total: int) -> dict:
+    """One run's result: the earlier one when made with the same settings, else trained and evaluated
+    now. settings.json is written before training (what an unfinished run was started with) and
+    result.json, with the settings, only once evaluation succeeded. RuntimeError when a tool fails."""
+    folder = run_dir(a, task, gate, seed)
+    tag = f"[{idx}/{total}] {task} {gate} seed {seed}"
+    settings = run_settings(a, task, gate, seed, data, folder)
+    have = earlier_result(a, folder, settings, tag)
+    if have is not None:
+        return have
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "settings.json").write_text(json.dumps(settings, indent=1))
+    commands.log(f"{tag}: training {a.updates} updates ...")
+    t0 = time.time()
+    commands.run_command(train_command(a, task, gate, seed, data, folder), folder / "train.out", env)
+    wall = time.time() - t0
+    parsed = parse_log(folder / "train.log")
+    xs, ys = valid_curve(parsed)
+    res = {
+        "task": task, "gate": gate, "seed": seed, "updates": a.updates, "train_wall_s": wall,
+        "valid_updates": xs, "valid_loss": ys, "final_valid_loss": ys[-1] if ys else None,
+        "experts_per_token": mean_experts_per_token(parsed),
+    }
+    t1 = time.time()
+    res.update(evaluation.evaluate(a, task, gate, data, folder, env))
+    res["eval_wall_s"] = time.time() - t1
+    res["settings"] = settings
+    (folder / "result.json").write_text(json.dumps(res, indent=1))
+    metric = f"valid ppl {res['ppl']:.2f}" if task == "lm" else f"test BLEU {res['bleu']:.2f}"
+    commands.log(f"{tag}: {metric}, final valid loss {res['final_valid_loss']:.3f}, train {wall:.0f} s, eval {res['eval_wall_s']:.0f} s")
+    return res

@@ -7,6 +7,11 @@ from fairseq_evomoe.evomoe.schedule import Phase
 
 from moe_helpers import make_layer
 
+import fairseq_evomoe  # noqa: F401,E402  (registers the gates)
+from fairseq_evomoe.moe.gates.base import build_gate  # noqa: E402
+
+from moe_helpers import moe_args  # noqa: E402
+
 
 def dts_layer(**kw):
     opts = dict(dts_anneal_updates=100, evomoe_diversify_updates=0)
@@ -48,15 +53,75 @@ def test_soft_phase_drops_nothing_and_computes_only_selected_pairs():
     assert layer.metadata["tokens_per_expert"].sum().item() == routing.token_idx.numel()
 
 
-def test_selection_threshold_cap_and_weights():
-    layer = dts_layer(dts_max_experts=2)
-    x = torch.randn(100, 16)
-    torch.manual_seed(1)
-    r = layer.gate(x, None)
-    per_token = torch.bincount(r.token_idx, minlength=100)
+def dts_gate(num_experts=8, updates=50, seed=0, **kw):
+    """A DTS gate in training mode, its router drawn from `seed` (the same for every call), the
+    schedule from update 0: tau 2 -> 0.5 over 100 updates, at `updates` (50: tau = 1.25, soft)."""
+    opts = dict(dts_anneal_updates=100, evomoe_diversify_updates=0)
+    opts.update(kw)
+    torch.manual_seed(seed)
+    gate = build_gate("dts", 16, num_experts, moe_args(moe_gate="dts", moe_expert_count=num_experts, **opts))
+    gate.train()
+    gate.set_num_updates(updates)
+    return gate
+
+
+def route(gate, x, seed):
+    """The gate's routing of x under `seed`, and the Gumbel-softmax weights y = softmax((l + g) / tau)
+    it drew them from, recomputed here: the logits l = W_g x and the Gumbel noise g = -log(-log u),
+    u ~ U(0, 1) per token and expert, the first draw after the seed."""
+    torch.manual_seed(seed)
+    r = gate(x, None)
+    with torch.no_grad():
+        logits = x.float() @ gate.router.wg.weight.t().float()
+        torch.manual_seed(seed)
+        u = torch.rand(logits.shape).clamp_(min=1e-9, max=1.0 - 1e-7)
+        y = ((logits - torch.log(-torch.log(u))) / gate.tau).softmax(dim=-1)
+    return r, logits, y
+
+
+def selection(r, num_tokens, num_experts):
+    chosen = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
+    chosen[r.token_idx, r.expert_idx] = True
+    return chosen
+
+
+def test_threshold_decides_the_selection():
+    """The same logits and noise (same router, same seed) with three --dts-threshold values: a
+    token goes to exactly the experts whose Gumbel-softmax weight y_e exceeds the threshold, plus
+    its argmax (always kept), so a smaller threshold gives more experts per token."""
+    S, E = 200, 8
+    x = torch.randn(S, 16, generator=torch.Generator().manual_seed(0))
+    per_token = []
+    for threshold in (0.02, 0.1, 0.3):
+        gate = dts_gate(dts_threshold=threshold, dts_combine_weights="gumbel")
+        r, _, y = route(gate, x, seed=5)
+        chosen = selection(r, S, E)
+        top = torch.nn.functional.one_hot(y.argmax(-1), E).bool()
+        # the gumbel combine weights are the y of the selected experts: the recomputed y is the gate's
+        torch.testing.assert_close(r.weight, y[r.token_idx, r.expert_idx])
+        assert (chosen & top).sum() == S  # every token keeps its argmax
+        assert (y[chosen & ~top] > threshold).all()  # every other selected expert is above the threshold
+        assert (y[~chosen] <= threshold).all()  # every unselected one at or below it
+        assert torch.equal(chosen, (y > threshold) | top)
+        per_token.append(chosen.sum().item() / S)
+        if threshold == 0.3:  # tokens whose largest y is below the threshold still get their argmax
+            assert (y.max(-1).values <= threshold).any()
+    assert per_token[0] > per_token[1] > per_token[2] >= 1.0, per_token
+    assert per_token[0] > 6 and per_token[2] < 1.5, per_token
+
+
+def test_max_experts_caps_the_selection_and_weights_default_to_softmax():
+    S, E = 100, 8
+    x = torch.randn(S, 16, generator=torch.Generator().manual_seed(1))
+    gate = dts_gate(dts_threshold=0.02, dts_max_experts=2)
+    r, logits, y = route(gate, x, seed=1)
+    chosen = selection(r, S, E)
+    per_token = chosen.sum(-1)
     assert per_token.min() >= 1 and per_token.max() <= 2
-    probs = r.probs
-    torch.testing.assert_close(r.weight, probs[r.token_idx, r.expert_idx])  # default: softmax weights
+    assert (per_token == 2).any()  # the cap is reached, so it is what limits the selection
+    top2 = torch.zeros(S, E, dtype=torch.bool).scatter_(1, y.topk(2, dim=-1).indices, True)
+    torch.testing.assert_close(chosen, ((y > 0.02) | torch.nn.functional.one_hot(y.argmax(-1), E).bool()) & top2)
+    torch.testing.assert_close(r.weight, logits.softmax(-1)[r.token_idx, r.expert_idx])  # default: softmax weights
 
 
 def test_renormalised_gumbel_weights_sum_to_one():
@@ -81,23 +146,80 @@ def test_evaluation_is_deterministic_top1_without_drops():
 
 
 def test_hard_phase_uses_gumbel_max_and_capacity():
-    layer = dts_layer(dts_hard_update=10)
-    layer.gate.set_num_updates(10)
-    x = torch.randn(64, 16)
-    r = layer.gate(x, None)
-    assert r.droppable and r.token_idx.numel() == 64
-    torch.testing.assert_close(r.weight, r.probs[r.token_idx, r.expert_idx])
+    """Hard phase, training: top-1 by a Gumbel-max *sample* argmax(l + g), so with fixed logits where
+    expert 0 dominates (p = softmax(l) = 0.71, 0.10, 0.10, 0.10), the other experts are still chosen,
+    at the frequencies p (an argmax(l) routing would send every token to expert 0). Evaluation
+    routes every token to argmax(l). Weights are p of the chosen expert; capacity may drop."""
+    S, E = 20000, 4
+    gate = dts_gate(num_experts=E, updates=10, dts_hard_update=10)
+    assert gate.phase == Phase.HARD
+    with torch.no_grad():
+        gate.router.wg.weight.zero_()
+        gate.router.wg.weight[0, 0] = 2.0  # l = (2, 0, 0, 0) for x = e_0
+    x = torch.zeros(S, 16)
+    x[:, 0] = 1.0
+    p = torch.tensor([2.0, 0.0, 0.0, 0.0]).softmax(-1)
+
+    torch.manual_seed(0)
+    r = gate(x, None)
+    assert r.droppable and r.token_idx.numel() == S and torch.equal(r.token_idx, torch.arange(S))
+    torch.testing.assert_close(r.weight, p[r.expert_idx])
+    share = torch.bincount(r.expert_idx, minlength=E).float() / S
+    torch.testing.assert_close(share, p, atol=0.015, rtol=0)  # ~5 standard deviations at S = 20000
+    assert (share[1:] > 0.07).all()  # not argmax(l): every expert gets tokens
+
+    gate.eval()
+    torch.manual_seed(0)
+    r = gate(x, None)
+    assert not r.droppable and (r.expert_idx == 0).all()
+    torch.testing.assert_close(r.weight, p[0].expand(S))
 
 
 def test_balance_loss_matches_the_formula():
-    layer = dts_layer()
-    x = torch.randn(30, 16)
-    r = layer.gate(x, None)
-    E = 8
-    combine = torch.zeros(30, E).index_put((r.token_idx, r.expert_idx), r.weight.detach())
-    selected = torch.zeros(30, E).index_put((r.token_idx, r.expert_idx), torch.ones(r.token_idx.numel()))
-    expected = E * (combine.mean(0) * selected.mean(0)).sum()
-    assert r.balance_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    """E * sum_e me_e * ce_e (me_e: mean softmax weight of e where selected, 0 elsewhere; ce_e: share of
+    tokens selecting e), recomputed from the logits and the Gumbel noise, where it varies: at a low
+    temperature most tokens select one or two experts (at tau = 2 every token selects every expert
+    and the loss is the constant E)."""
+    S, E = 300, 8
+    x = torch.randn(S, 16, generator=torch.Generator().manual_seed(2))
+    losses = []
+    for updates in (80, 99):  # tau = 0.44, 0.07
+        gate = dts_gate(updates=updates, dts_threshold=0.05, dts_tau_min=0.05)
+        r, logits, y = route(gate, x, seed=3)
+        selected = (y > 0.05) | torch.nn.functional.one_hot(y.argmax(-1), E).bool()
+        assert torch.equal(selection(r, S, E), selected)
+        assert selected.sum() < 0.35 * S * E  # sparse: the loss is not the dense constant
+        combine = logits.softmax(-1) * selected
+        expected = E * (combine.mean(0) * selected.float().mean(0)).sum()
+        assert r.balance_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+        losses.append(r.balance_loss.item())
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3) and all(l < E - 0.5 for l in losses), losses
+
+
+@pytest.mark.parametrize("updates", [10, 99], ids=["soft", "hard"])
+def test_balance_loss_is_one_when_uniform_and_larger_when_skewed(updates):
+    """Routers so sharp that each token gets exactly one expert with weight ~1 (in the soft phase too:
+    the other y are below 1e-6): spread evenly over the experts the loss is 1; all on one expert it
+    is E; half on one expert, the rest even, E * sum_e f_e^2 in between."""
+    S, E = 64, 8
+    gate = dts_gate(num_experts=E, updates=updates, dts_hard_update=99)
+    assert gate.phase == (Phase.HARD if updates == 99 else Phase.SOFT)
+    with torch.no_grad():
+        gate.router.wg.weight.copy_(50.0 * torch.eye(E, 16))  # l = 50 * onehot(expert of x)
+
+    def loss(experts):
+        torch.manual_seed(0)
+        r = gate(torch.nn.functional.one_hot(experts, 16).float(), None)
+        assert torch.equal(r.expert_idx, experts) and torch.equal(r.token_idx, torch.arange(S))
+        return r.balance_loss.item()
+
+    even = torch.arange(S) % E
+    half = torch.where(torch.arange(S) < S // 2, torch.zeros(S, dtype=torch.long), torch.arange(S) % E)
+    share = torch.bincount(half, minlength=E).float() / S
+    assert loss(even) == pytest.approx(1.0, rel=1e-5)
+    assert loss(half) == pytest.approx(E * (share ** 2).sum().item(), rel=1e-5)
+    assert 1.5 < loss(half) < E - 1
+    assert loss(torch.zeros(S, dtype=torch.long)) == pytest.approx(float(E), rel=1e-5)
 
 
 def test_option_errors_name_the_option():

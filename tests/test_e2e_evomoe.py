@@ -9,6 +9,8 @@ import torch
 import fairseq_evomoe  # noqa: F401  (allowlists fairseq's checkpoint types for torch.load)
 from conftest import USER_DIR, json_logs, run_cli
 
+pytestmark = pytest.mark.slow  # every test trains with fairseq-train
+
 # T_div = 4, temperature 2.0 -> 0.1 over D = 8 updates, top-1 from H = 13.
 # (tau_min 0.1 rather than the paper's 0.5, so that 4 experts visibly sparsify within a few updates.)
 SCHEDULE = ["--evomoe-diversify-updates", "4", "--dts-anneal-updates", "8", "--dts-hard-update", "13",

@@ -26,6 +26,7 @@ def assert_learns(proc):
     assert tail < head - 0.3, f"loss did not go down: {vals}"
 
 
+@pytest.mark.slow
 def test_translation_train_generate_and_resume(mt_data, tmp_path):
     save = tmp_path / "ckpt"
     args = [mt_data, *COMMON, "--task", "translation", "--arch", "transformer_moe_tiny", "--moe-gate", "top1",
@@ -51,6 +52,7 @@ def test_translation_train_generate_and_resume(mt_data, tmp_path):
     assert [r["num_updates"] for r in json_logs(resumed)][-1] == 20
 
 
+@pytest.mark.slow
 def test_gpt_language_model_and_eval_lm(lm_data, tmp_path):
     save = tmp_path / "ckpt"
     proc = run_cli("fairseq-train", lm_data, *COMMON, "--task", "language_modeling", "--arch", "transformer_lm_moe_tiny",
@@ -63,6 +65,7 @@ def test_gpt_language_model_and_eval_lm(lm_data, tmp_path):
     assert "Perplexity" in ev.stdout + ev.stderr
 
 
+@pytest.mark.slow
 def test_roberta_masked_lm(lm_data, tmp_path):
     proc = run_cli("fairseq-train", lm_data, *COMMON, "--task", "masked_lm", "--arch", "roberta_moe_tiny",
                    "--criterion", "moe_masked_lm", "--tokens-per-sample", "64", "--max-tokens", "1024",
@@ -72,6 +75,7 @@ def test_roberta_masked_lm(lm_data, tmp_path):
     assert json_logs(proc)[-1]["moe_dropped_pct"] == 0.0
 
 
+@pytest.mark.slow
 def test_checkpoints_load_under_weights_only(mt_data, tmp_path):
     """A checkpoint written by fairseq-train loads with torch.load's safe default once the plugin is
     imported, and does not without it (the allowlist is what makes it work). --eval-bleu makes
@@ -90,18 +94,15 @@ def test_checkpoints_load_under_weights_only(mt_data, tmp_path):
     assert plain.returncode != 0 and "weights_only" in plain.stderr
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--moe-gate", "nope"], "--moe-gate 'nope' is not a known gate; choose one of:"),
-        (["--moe-freq", "3"], "--moe-freq 3 is larger than the 2 layers of the encoder"),
-        (["--evomoe-diversify-updates", "10"], "--evomoe-diversify-updates (10) must be below --max-update (10)"),
-    ],
-)
-def test_bad_options_fail_before_training(mt_data, tmp_path, extra, message):
+@pytest.mark.slow
+def test_bad_options_fail_before_training(mt_data, tmp_path):
+    """One bad option end to end: fairseq-train stops with the message before any update or checkpoint,
+    and the architecture hands the validation its real layer counts. The messages themselves are
+    checked in-process below (test_option_validation_messages, test_model_checks_against_the_task)."""
+    message = "--moe-freq 3 is larger than the 2 layers of the encoder"
     proc = run_cli("fairseq-train", mt_data, *COMMON, "--task", "translation", "--arch", "transformer_moe_tiny",
                    "--criterion", "moe_label_smoothed_cross_entropy", "--max-tokens", "1500", "--max-update", "10",
-                   "--save-dir", tmp_path / "ckpt", *extra, check=False)
+                   "--save-dir", tmp_path / "ckpt", "--moe-freq", "3", check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert message in text, text[-3000:]
@@ -120,10 +121,12 @@ def test_bad_options_fail_before_training(mt_data, tmp_path, extra, message):
         (dict(moe_router_jitter=1.5), "--moe-router-jitter must be in [0, 1)"),
         (dict(moe_expert_dtype="fp8"), "--moe-expert-dtype 'fp8' is not valid; choose one of: auto, bf16"),
         (dict(scale_fc=True), "--scale-fc"),
+        (dict(moe_gate="nope"), "--moe-gate 'nope' is not a known gate; choose one of: base, dense_moe, dts,"),
+        (dict(moe_freq=3), "--moe-freq 3 is larger than the 2 layers of the encoder"),
     ],
 )
 def test_option_validation_messages(overrides, message):
-    """The same validation the architectures run before building (the CLI cases above go end to end)."""
+    """The same validation the architectures run before building (the CLI case above goes end to end)."""
     from moe_helpers import moe_args
 
     from fairseq_evomoe.moe import options as moe_options
@@ -131,3 +134,18 @@ def test_option_validation_messages(overrides, message):
     with pytest.raises(ValueError) as err:
         moe_options.validate(moe_args(**overrides), {"encoder": 2, "decoder": 2})
     assert message in str(err.value)
+
+
+def test_model_checks_against_the_task():
+    """The check the models run with the task before building: the spawn must come before --max-update."""
+    from types import SimpleNamespace
+
+    from moe_helpers import moe_args
+
+    from fairseq_evomoe.models import model_checks
+
+    task = SimpleNamespace(drives_evomoe_phases=True)
+    model_checks.check_model_against_task(moe_args(evomoe_diversify_updates=9, max_update=10), task)
+    with pytest.raises(ValueError) as err:
+        model_checks.check_model_against_task(moe_args(evomoe_diversify_updates=10, max_update=10), task)
+    assert "--evomoe-diversify-updates (10) must be below --max-update (10)" in str(err.value)

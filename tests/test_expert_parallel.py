@@ -32,6 +32,8 @@ from conftest import REPO, USER_DIR, run_cli
 
 WORLD = 2
 
+pytestmark = pytest.mark.slow  # every test spawns worker processes (torch.multiprocessing, torchrun + fairseq-train)
+
 
 # ------------------------------------------------------------------------------------------
 # (a) unit level: 2 spawned processes
@@ -43,11 +45,11 @@ def _layer_pair(gate, num_experts, world, rank, dim=8, ffn=16, diversify=False):
     diversify, an EvoMoE layer before its spawn: every worker holds the base expert)."""
     from moe_helpers import make_layer
 
-    from fairseq_evomoe.moe.layer import MoELayer
-    from fairseq_evomoe.moe.parallel.placement import ExpertPlacement
     from fairseq_evomoe.evomoe.expert_diversify import DiversifyingMoELayer, DiversifyPlan
     from fairseq_evomoe.evomoe.spawn import SpawnSettings
     from fairseq_evomoe.models.moe_stack import distribute_experts
+    from fairseq_evomoe.moe.layer import MoELayer
+    from fairseq_evomoe.moe.parallel.placement import ExpertPlacement
 
     # top-2 with a deterministic second expert: sampled policies draw per token, and a worker sees
     # a different slice of the batch than the single process

@@ -21,6 +21,8 @@ from test_expert_parallel import TRAIN_ARGS, _curve, _load, _spawn, _torchrun
 
 DIST = ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
 
+pytestmark = pytest.mark.slow  # every test spawns worker processes (torchrun, torch.multiprocessing)
+
 
 def with_overrides(args, **overrides):
     """TRAIN_ARGS with some option values replaced (keys as option names without the dashes)."""

@@ -33,6 +33,7 @@ def lines(p):
 
 # ---------------------------------------------------------------------------------------- data
 
+@pytest.mark.slow  # runs sentencepiece and fairseq-preprocess on real data
 def test_prepare_multi30k_sentencepiece(tmp_path):
     out = tmp_path / "m30k"
     proc = sh("prepare_multi30k.sh", "--data-dir", shared_data_dir(), "--out-dir", out, "--train-lines", 600,
@@ -49,6 +50,7 @@ def test_prepare_multi30k_sentencepiece(tmp_path):
     assert "binary data" in proc.stdout and "%|" in proc.stderr  # result summary + progress bars
 
 
+@pytest.mark.slow  # runs sentencepiece and fairseq-preprocess on real data
 def test_prepare_wikitext_word_level(tmp_path):
     out = tmp_path / "wt"
     sh("prepare_wikitext.sh", "--data-dir", shared_data_dir(), "--out-dir", out, "--train-lines", 400,
@@ -60,6 +62,7 @@ def test_prepare_wikitext_word_level(tmp_path):
     assert "the" in words and "@-@" in words  # word-level WikiText tokens, no subwords
 
 
+@pytest.mark.slow  # runs sentencepiece and fairseq-preprocess on real data
 def test_prepare_wmt17_local_mode(tmp_path):
     """--raw-dir on the shipped WMT sample (Moses-tokenised, escaped) + newstest2014 as the test set."""
     data = shared_data_dir()
@@ -96,6 +99,7 @@ def test_clear_errors_name_the_option(tmp_path):
 
 # ---------------------------------------------------------------------------------------- evaluation
 
+@pytest.mark.slow
 def test_evaluate_translation_bleu(mt_data, tmp_path):
     """fairseq-generate (beam 5) + sacrebleu on a tiny Multi30k model (whitespace tokens: --post-process none)."""
     ckpt = tmp_path / "ckpt"
@@ -126,6 +130,7 @@ def comparison(tmp_path_factory):
     return work, proc
 
 
+@pytest.mark.slow  # the comparison fixture trains with fairseq-train
 def test_compare_gates_minimal(comparison):
     work, proc = comparison
     report = (work / "results.md").read_text()
@@ -147,6 +152,7 @@ def test_compare_gates_minimal(comparison):
     assert f"2 run(s) at a time, {max(1, (os.cpu_count() or 1) // 2)} thread(s) each" in report  # --jobs 2
 
 
+@pytest.mark.slow  # the comparison fixture trains with fairseq-train
 def test_plot_routing_on_real_log(comparison, tmp_path):
     work, _ = comparison
     log = work / "lm" / "evomoe" / "seed1" / "train.log"
@@ -168,52 +174,6 @@ def test_plot_routing_on_real_log(comparison, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
     bad = sh("plot_routing.py", "--run", f"x={tmp_path / 'nope.log'}", "--out-dir", tmp_path, check=False)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
-
-
-# ----------------------------------------------------------------------------------- benchmarks
-
-def test_bench_moe_layer_prints_a_row_per_setting():
-    """The layer benchmark at toy sizes: one table row per (E, tokens) with the ratio columns and one
-    ratio per compared expert variant (the real sizes take minutes; the numbers are not checked)."""
-    proc = sh("bench_moe_layer.py", "--dim", 16, "--ffn", 32, "--experts", 2, 4, "--tokens", 64,
-              "--reps", 1, "--threads", 1, "--compare", "grouped_mm", "fresh_grads", "experts_alone")
-    rows = [l for l in proc.stdout.splitlines() if l.startswith("| ") and l[2].isdigit()]
-    assert [r.split("|")[1:3] for r in rows] == [[" 2 ", " 64 "], [" 4 ", " 64 "]]
-    header = next(l for l in proc.stdout.splitlines() if l.startswith("| E |"))
-    assert "page faults per step" in header
-    for row in rows:
-        assert "index / grouped_mm index" in row and "index / fresh_grads index" in row
-        assert "experts alone / dense" in row
-        assert row.count("|") == header.count("|") + 3  # a cell per header column, plus one per --compare
-    bad = sh("bench_moe_layer.py", "--compare", "bogus", check=False)
-    assert bad.returncode == 2 and "--compare" in bad.stderr and "experts_alone" in bad.stderr
-    assert "heap memory recycled" in proc.stdout.splitlines()[0]
-    bad = sh("bench_moe_layer.py", "--malloc", "bogus", check=False)
-    assert bad.returncode == 2 and "--malloc" in bad.stderr and "recycle" in bad.stderr
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and Linux page-fault counts")
-@pytest.mark.parametrize("recycle", [False, True])
-def test_bench_recycled_heap_memory_stops_page_faults(recycle):
-    """--malloc recycle: a 64 MB tensor allocated again after a free reuses pages the heap already
-    has (no page faults, once glibc found a free chunk that fits); with glibc's default policy every
-    such allocation is a fresh mmap and faults in all its pages again (16,384 of 4 KiB, or 32 huge
-    pages). In a child process: the setting is process-wide."""
-    code = f"""
-import sys; sys.path.insert(0, {str(SCRIPTS)!r})
-import torch, bench_moe_layer as b
-if {recycle}:
-    assert b.recycle_heap_memory()
-faults = []
-for _ in range(6):
-    before = b.minor_page_faults()
-    torch.ones(16 * 2**20)  # 64 MB, written, then freed
-    faults.append(b.minor_page_faults() - before)
-print(min(faults[1:]))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    fewest = int(proc.stdout.split()[-1])
-    assert fewest < 8 if recycle else fewest >= 32, fewest
 
 
 # ------------------------------------------------------------------ reruns, settings, paths (fast; stubbed tools)

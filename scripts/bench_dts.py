@@ -6,8 +6,9 @@ One MoE layer (model dim 512, FFN 2048, E experts, 4096 tokens, fwd+bwd) through
   DTS soft routing as tau anneals (experts per token E -> ~1) | DTS hard top-1 | Switch top-1.
 The DTS gate dispatches only the selected (token, expert) pairs, so its step time should follow the
 mean number of experts per token; the script fits time = a + b * experts_per_token and prints it.
+Measured results: docs/benchmarks.md.
 
-    python scripts/bench_dts.py                 # CPU (default), ~3 min on 2 cores
+    python scripts/bench_dts.py                 # CPU (default)
     python scripts/bench_dts.py --device cuda --dtype bfloat16
 """
 

@@ -7,7 +7,7 @@ reported as ratios. Forward + backward, fp32 on CPU (fp32 or --dtype on GPU). `-
 also times the same expert FFNs on equal groups with no routing: the ceiling for per-expert matmuls
 at that size (opt-in, as every extra model changes the allocation pattern the others see).
 
-    python scripts/bench_moe_layer.py                      # the README table (CPU, ~10 min on 2 cores)
+    python scripts/bench_moe_layer.py                      # the CPU sweep (docs/benchmarks.md has measured tables)
     python scripts/bench_moe_layer.py --quick              # a smaller sweep
     python scripts/bench_moe_layer.py --device cuda --dtype bfloat16
 

@@ -12,6 +12,14 @@ step() { echo "==> [$(date +%H:%M:%S)] $*" >&2; }
 # need_value OPTION VALUE: fail clearly when an option was given without a value
 need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "option $1 needs a value (see --help)"; }
 
+# need_data_and_checkpoint DATA CKPT: the evaluation scripts' two required options, given and present
+need_data_and_checkpoint() {
+  [[ -n "$1" ]] || { usage >&2; die "--data-bin is required"; }
+  [[ -n "$2" ]] || { usage >&2; die "--checkpoint is required"; }
+  [[ -d "$1" ]] || die "--data-bin $1 is not a folder"
+  [[ -f "$2" ]] || die "--checkpoint $2 does not exist"
+}
+
 need_int() { [[ "$2" =~ ^[0-9]+$ ]] || die "option $1 must be a non-negative integer, got '$2'"; }
 
 # default_data_dir: $EVOMOE_DATA, else ../shared/data next to the repository, else empty

@@ -45,11 +45,9 @@ while [[ $# -gt 0 ]]; do
     *) usage >&2; die "unknown option '$1'" ;;
   esac
 done
-[[ -n "$DATA" ]] || { usage >&2; die "--data-bin is required"; }
-[[ -n "$CKPT" ]] || { usage >&2; die "--checkpoint is required"; }
+need_data_and_checkpoint "$DATA" "$CKPT"
 [[ -f "$DATA/dict.txt" ]] || die "--data-bin $DATA has no dict.txt (not a binarized language-modelling folder)"
 [[ -f "$DATA/$SUBSET.idx" ]] || die "--data-bin $DATA has no '$SUBSET' split ($DATA/$SUBSET.idx); check --subset"
-[[ -f "$CKPT" ]] || die "--checkpoint $CKPT does not exist"
 [[ "$CTX" -lt "$TPS" ]] || die "--context-window ($CTX) must be smaller than --tokens-per-sample ($TPS)"
 OUT="${OUT:-$(dirname "$CKPT")/eval}"
 mkdir -p "$OUT"

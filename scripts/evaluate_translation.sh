@@ -56,10 +56,7 @@ while [[ $# -gt 0 ]]; do
     *) usage >&2; die "unknown option '$1'" ;;
   esac
 done
-[[ -n "$DATA" ]] || { usage >&2; die "--data-bin is required"; }
-[[ -n "$CKPT" ]] || { usage >&2; die "--checkpoint is required"; }
-[[ -d "$DATA" ]] || die "--data-bin $DATA is not a folder"
-[[ -f "$CKPT" ]] || die "--checkpoint $CKPT does not exist"
+need_data_and_checkpoint "$DATA" "$CKPT"
 [[ -z "$REF" || -f "$REF" ]] || die "--ref $REF does not exist"
 case "$POST" in sentencepiece|subword_nmt|none) ;; *) die "--post-process must be sentencepiece, subword_nmt or none, got '$POST'";; esac
 if [[ -z "$SRC" || -z "$TGT" ]]; then

@@ -5,7 +5,19 @@ import logging
 
 from ..evomoe.options import validate_spawn_options
 from ..evomoe.schedule import resolve_updates
+from ..moe import options as moe_options
 from ..moe.parallel.placement import distributed_world
+
+
+def prepare_moe_args(args, task, architecture, stacks):
+    """The model options as every MoE model's build_model starts from them: a Namespace
+    (plain_args), the architecture's defaults, validated (`stacks`: the layer stacks, e.g.
+    ("encoder", "decoder"), whose `<stack>_layers` bound --moe-freq) and checked against the task."""
+    args = plain_args(args)
+    architecture(args)
+    moe_options.validate(args, {stack: getattr(args, f"{stack}_layers") for stack in stacks})
+    check_model_against_task(args, task)
+    return args
 
 
 def check_model_against_task(args, task) -> None:

@@ -156,6 +156,18 @@ def log_uncheckpointed(stack: str, indices: List[int], cfg) -> None:
         )
 
 
+def install_moe_layers(layers: nn.ModuleList, cfg, stack_cfg, dictionary, stack: str, make_layer) -> List[MoELayer]:
+    """Swap every `moe_freq`-th layer of a built fairseq stack (`stack`: "encoder" or "decoder")
+    for `make_layer(moe)`, the same layer with an MoE FFN; returns the MoE layers in order."""
+    indices = moe_layer_indices(len(layers), cfg.moe_freq)
+    for i in indices:
+        moe = build_moe_layer(cfg, stack_cfg.embed_dim, stack_cfg.ffn_embed_dim, dictionary)
+        moe.layer_name = f"{stack[:3]}{i}"
+        layers[i] = wrap_layer(make_layer(moe), cfg)
+    log_uncheckpointed(stack, indices, cfg)
+    return moe_layers(layers)
+
+
 @contextmanager
 def routing_tokens(layers: List[MoELayer], tokens):
     """Let the MoE layers see the token ids [batch, time] of the current forward, and clear what
@@ -174,12 +186,10 @@ class MoETransformerEncoder(TransformerEncoderBase):
     def __init__(self, cfg, dictionary, embed_tokens, return_fc=False):
         cfg = TransformerConfig.from_namespace(cfg)
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
-        for i in moe_layer_indices(len(self.layers), cfg.moe_freq):
-            moe = build_moe_layer(cfg, cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, dictionary)
-            moe.layer_name = f"enc{i}"
-            self.layers[i] = wrap_layer(MoETransformerEncoderLayer(cfg, moe, return_fc=return_fc), cfg)
-        self.moe_layers = moe_layers(self.layers)
-        log_uncheckpointed("encoder", moe_layer_indices(len(self.layers), cfg.moe_freq), cfg)
+        self.moe_layers = install_moe_layers(
+            self.layers, cfg, cfg.encoder, dictionary, "encoder",
+            lambda moe: MoETransformerEncoderLayer(cfg, moe, return_fc=return_fc),
+        )
 
     def forward(self, src_tokens, src_lengths=None, return_all_hiddens: bool = False, token_embeddings=None):
         with routing_tokens(self.moe_layers, src_tokens):
@@ -190,12 +200,10 @@ class MoETransformerDecoder(TransformerDecoderBase):
     def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
         cfg = TransformerConfig.from_namespace(cfg)
         super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection)
-        for i in moe_layer_indices(len(self.layers), cfg.moe_freq):
-            moe = build_moe_layer(cfg, cfg.decoder.embed_dim, cfg.decoder.ffn_embed_dim, dictionary)
-            moe.layer_name = f"dec{i}"
-            self.layers[i] = wrap_layer(MoETransformerDecoderLayer(cfg, moe, no_encoder_attn=no_encoder_attn), cfg)
-        self.moe_layers = moe_layers(self.layers)
-        log_uncheckpointed("decoder", moe_layer_indices(len(self.layers), cfg.moe_freq), cfg)
+        self.moe_layers = install_moe_layers(
+            self.layers, cfg, cfg.decoder, dictionary, "decoder",
+            lambda moe: MoETransformerDecoderLayer(cfg, moe, no_encoder_attn=no_encoder_attn),
+        )
 
     def extract_features(
         self,

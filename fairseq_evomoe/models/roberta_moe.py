@@ -11,7 +11,7 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 
 from ..moe import options as moe_options
 from ..moe.parallel.checkpoint import ExpertParallelModelMixin
-from .model_checks import check_model_against_task, plain_args
+from .model_checks import prepare_moe_args
 from .moe_stack import MoETransformerEncoder
 
 
@@ -34,10 +34,7 @@ class RobertaMoEModel(ExpertParallelModelMixin, RobertaModel):
     @classmethod
     def build_model(cls, args, task):
         # RobertaModel.build_model, with the MoE encoder (and args as a Namespace, see plain_args)
-        args = plain_args(args)
-        base_roberta_moe_architecture(args)
-        moe_options.validate(args, {"encoder": args.encoder_layers})
-        check_model_against_task(args, task)
+        args = prepare_moe_args(args, task, base_roberta_moe_architecture, ("encoder",))
         if not hasattr(args, "max_positions"):
             if not hasattr(args, "tokens_per_sample"):
                 args.tokens_per_sample = task.max_positions()

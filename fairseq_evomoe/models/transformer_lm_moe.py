@@ -6,7 +6,7 @@ from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerL
 
 from ..moe import options as moe_options
 from ..moe.parallel.checkpoint import ExpertParallelModelMixin
-from .model_checks import check_model_against_task, plain_args
+from .model_checks import prepare_moe_args
 from .moe_stack import MoETransformerDecoder
 
 
@@ -19,10 +19,7 @@ class TransformerLanguageModelMoE(ExpertParallelModelMixin, TransformerLanguageM
 
     @classmethod
     def build_model(cls, args, task):
-        args = plain_args(args)
-        base_lm_moe_architecture(args)
-        moe_options.validate(args, {"decoder": args.decoder_layers})
-        check_model_against_task(args, task)
+        args = prepare_moe_args(args, task, base_lm_moe_architecture, ("decoder",))
         # fairseq's builder picks the embeddings (plain, adaptive or character) and builds a dense
         # decoder; we keep its embeddings and build the MoE decoder around them.
         model = super().build_model(args, task)

@@ -11,7 +11,7 @@ from fairseq.models.transformer.transformer_legacy import (
 from ..moe import options as moe_options
 from ..moe.parallel.checkpoint import ExpertParallelModelMixin
 from .moe_stack import MoETransformerDecoder, MoETransformerEncoder
-from .model_checks import check_model_against_task, plain_args
+from .model_checks import prepare_moe_args
 
 
 @register_model("transformer_moe")
@@ -25,10 +25,7 @@ class TransformerMoEModel(ExpertParallelModelMixin, TransformerModel):
 
     @classmethod
     def build_model(cls, args, task):
-        args = plain_args(args)
-        base_moe_architecture(args)
-        moe_options.validate(args, {"encoder": args.encoder_layers, "decoder": args.decoder_layers})
-        check_model_against_task(args, task)
+        args = prepare_moe_args(args, task, base_moe_architecture, ("encoder", "decoder"))
         return super().build_model(args, task)
 
     @classmethod

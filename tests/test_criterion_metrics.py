@@ -137,7 +137,7 @@ def test_uneven_batches_reduce_to_the_pooled_counts(uneven):
     assert_metrics(got, pooled_reference(mds))
     # the raw counts are not log columns
     assert not [k for k in got if k.startswith("_")]
-    assert set(got) == ROUTING_KEYS | {"inner_loss", "moe_gate_loss", "moe_phase"}
+    assert set(got) == ROUTING_KEYS | {"inner_loss", "moe_gate_loss", "moe_phase", "moe_expert_compute"}
 
 
 def test_logging_outputs_summed_across_workers_reduce_the_same(uneven):
@@ -252,3 +252,58 @@ def test_ppl_is_of_the_task_loss_per_token(name):
 
     # the same after fairseq sums the logging outputs across workers
     assert reduce(summed(logs), type(crit).reduce_metrics)["ppl"] == pytest.approx(got["ppl"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ expert compute
+
+
+def test_expert_compute_accumulates_over_training_only_and_survives_a_resume():
+    """moe_expert_compute: the kept (token, expert) assignments of every training forward so far,
+    summed over layers (two layers that drop under capacity: kept, not routed); validation (the
+    model in eval mode, reduced in a new root aggregator as fairseq's validate does) adds nothing;
+    fairseq's saved metrics carry it over a resume."""
+    metrics.reset()
+    try:
+        model = two_layers()
+        first, mds1 = run_batches(model, (50, 30), seed=1)
+        second, mds2 = run_batches(model, (40,), seed=2)
+        kept = [sum(float(layer["tokens_per_expert"].sum()) for layer in batch) for batch in mds1 + mds2]
+        routed = sum(float(layer["routed_per_expert"].sum()) for batch in mds1 + mds2 for layer in batch)
+        assert sum(kept) < routed  # capacity dropped some: compute counts what ran
+        seen = []
+        for logs in (first, second):
+            with metrics.aggregate("train_inner") as agg:
+                reduce_moe_metrics(logs)
+                seen.append(agg.get_smoothed_values()["moe_expert_compute"])
+        assert seen == [round(sum(kept[:2])), round(sum(kept))]
+        model.eval()
+        valid, _ = run_batches(model, (40,), seed=2)
+        model.train()
+        with metrics.aggregate(new_root=True) as agg:  # validation
+            reduce_moe_metrics(valid)
+            assert agg.get_smoothed_values()["moe_expert_compute"] == round(sum(kept))
+        state = metrics.state_dict()  # what a checkpoint keeps; fairseq restores it on resume
+        metrics.reset()
+        metrics.load_state_dict(state)
+        with metrics.aggregate("train_inner") as agg:
+            reduce_moe_metrics(second)
+            assert agg.get_smoothed_values()["moe_expert_compute"] == round(sum(kept) + kept[2])
+    finally:
+        metrics.reset()
+
+
+def test_gate_token_counts_are_logged_as_a_share_of_tokens():
+    """A count of tokens a gate reports (Routing.token_counts, e.g. the DTS gate's switch_changed)
+    is logged as moe_<name>_pct: per layer its share of the layer's tokens, over every batch the
+    line covers, then the mean over the layers that report it."""
+    model = nn.ModuleList([make_layer("dts", num_experts=E, seed=0, dts_anneal_updates=10, dts_hard_update=10,
+                                      evomoe_diversify_updates=0),
+                           make_layer("top1", num_experts=E, seed=1)]).train()
+    model[0].layer_name, model[1].layer_name = "enc0", "dec0"
+    model[0].gate.set_num_updates(10)
+    logs, mds = run_batches(model, (60, 25))
+    changed = sum(float(batch[0]["token_count_switch_changed"]) for batch in mds)
+    tokens = sum(float(batch[0]["num_tokens"]) for batch in mds)
+    assert 0 < changed < tokens and "token_count_switch_changed" not in mds[0][1]
+    for sync in (lambda l: l, summed):
+        assert reduce(sync(logs))["moe_switch_changed_pct"] == pytest.approx(100 * changed / tokens, abs=1e-3)

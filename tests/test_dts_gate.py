@@ -11,6 +11,7 @@ import fairseq_evomoe  # noqa: F401,E402  (registers the gates)
 from fairseq_evomoe.moe.gates.base import build_gate  # noqa: E402
 
 from moe_helpers import moe_args  # noqa: E402
+from fairseq_evomoe.moe.gates.top_k import gumbel_noise_like  # noqa: E402
 
 
 def dts_layer(**kw):
@@ -227,6 +228,37 @@ def test_option_errors_name_the_option():
         dts_layer(dts_combine_weights="max")
     with pytest.raises(ValueError, match="--dts-max-experts"):
         dts_layer(dts_max_experts=-1)
+    with pytest.raises(ValueError, match="--dts-sparsity 'quantile' is not valid; choose one of: threshold, scheduled"):
+        dts_layer(dts_sparsity="quantile")
+    with pytest.raises(ValueError, match=r"--dts-k-start must be between 1 and --moe-expert-count \(8\)"):
+        dts_layer(dts_sparsity="scheduled", dts_k_start=9)
+
+
+@pytest.mark.parametrize("num_experts", [4, 8, 16, 64])
+@pytest.mark.parametrize("logit_scale", [0.01, 1.0, 30.0])
+def test_scheduled_sparsity_gives_k_experts_per_token_whatever_the_logit_scale(num_experts, logit_scale):
+    """--dts-sparsity scheduled: a batch of S tokens keeps round(k(t) * S) assignments, k(t) going
+    from E at the spawn to 1 after D updates; every token keeps its largest Gumbel-softmax weight and
+    the others are the batch's largest."""
+    from fairseq_evomoe.evomoe.dts_gate import scheduled_selection
+
+    layer = make_layer("dts", num_experts=num_experts, dim=16, ffn=8, dts_sparsity="scheduled", dts_anneal_updates=100).train()
+    with torch.no_grad():
+        layer.gate.router.wg.weight.mul_(logit_scale)
+    g = torch.Generator().manual_seed(num_experts)
+    for t in (0, 30, 60, 99, 100):
+        layer.gate.set_num_updates(t)
+        k = num_experts - (num_experts - 1) * min(t / 100, 1.0)
+        assert layer.gate.target_experts == pytest.approx(k)
+        x = torch.randn(301, 16, generator=g)
+        layer(x)
+        assert layer.metadata["experts_per_token"].item() == pytest.approx(round(k * 301) / 301, rel=1e-6), t
+    y = torch.rand(50, num_experts, generator=g).softmax(-1)
+    sel = scheduled_selection(y, 2.5)
+    assert int(sel.sum()) == 125 and bool(sel.any(-1).all())
+    assert bool(sel.gather(1, y.argmax(-1, keepdim=True)).all())
+    others = y.masked_fill(torch.zeros_like(sel).scatter_(1, y.argmax(-1, keepdim=True), True), -1.0)
+    assert others[sel & (others >= 0)].min() >= others[~sel].max()  # the batch's largest remaining weights
 
 
 def test_resumed_run_keeps_the_saved_schedule_whatever_its_max_update():
@@ -253,3 +285,20 @@ def test_resumed_run_keeps_the_saved_schedule_whatever_its_max_update():
     fresh = layer(20000)
     fresh.load_state_dict(old)
     assert fresh.plan.updates == 2000 and fresh.gate.schedule.diversify_updates == 2000
+
+
+@pytest.mark.parametrize("sparsity", ["threshold", "scheduled"])
+def test_hard_phase_counts_the_tokens_the_switch_changes(sparsity):
+    """In the hard phase the gate reports how many tokens the soft rule, at the same noise, would
+    give more than their one expert; with scheduled sparsity k(t) is 1 by then, so none."""
+    layer = dts_layer(dts_sparsity=sparsity, dts_hard_update=100)
+    layer.gate.set_num_updates(100)
+    x = torch.randn(64, 16)
+    torch.manual_seed(3)
+    routing = layer.gate(x)
+    torch.manual_seed(3)
+    logits = layer.gate.router(x).detach()
+    y = ((logits + gumbel_noise_like(logits)) / layer.gate.tau).softmax(-1)
+    many = int((layer.gate.soft_selection(y).sum(-1) > 1).sum())
+    assert int(routing.token_counts["switch_changed"]) == many
+    assert (many == 0) if sparsity == "scheduled" else (many > 0)

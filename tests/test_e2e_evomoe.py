@@ -88,8 +88,8 @@ def test_resume_is_exact_across_phases(lm_data, tmp_path):
     """Interrupted before the spawn, right after it, in the soft phase and after the hard switch, a
     resumed run ends with exactly the parameters of the uninterrupted run."""
     full = tmp_path / "full"
-    run_cli("fairseq-train", *lm_args(lm_data, full, "--max-update", "16", "--save-interval-updates", "1",
-                                      "--disable-validation"))
+    full_log = json_logs(run_cli("fairseq-train", *lm_args(lm_data, full, "--max-update", "16", "--save-interval-updates", "1",
+                                                           "--disable-validation")))
     reference = model_params(full / "checkpoint_last.pt")
     assert bool(reference["decoder.layers.1.moe.spawned"])
     for stop in (3, 5, 9, 14):  # T_div = 4, H = 13
@@ -100,7 +100,39 @@ def test_resume_is_exact_across_phases(lm_data, tmp_path):
         assert f"@ {stop} updates" in proc.stdout + proc.stderr
         spawns = (proc.stdout + proc.stderr).count("EvoMoE: spawned")
         assert spawns == (1 if stop < 4 else 0), "the experts are spawned exactly once"
+        # the expert compute spent continues from the checkpoint's
+        assert json_logs(proc)[-1]["moe_expert_compute"] == full_log[-1]["moe_expert_compute"]
         got = model_params(resumed / "checkpoint_last.pt")
         assert got.keys() == reference.keys()
         for k in reference:
             assert torch.equal(got[k], reference[k]), f"resume from update {stop}: {k} differs"
+
+
+def test_scheduled_sparsity_follows_its_schedule_and_compute_is_counted(lm_data, tmp_path):
+    """--dts-sparsity scheduled: at every log line the experts per token are k(t), from E at the
+    spawn down to 1 at the switch, so the switch to top-1 changes nothing in the count; the expert
+    compute spent grows by each update's kept assignments and is not counted for validation."""
+    proc = run_cli("fairseq-train", *lm_args(lm_data, tmp_path / "ckpt", "--max-update", "16", "--dts-sparsity", "scheduled",
+                                             "--validate-interval-updates", "8"))
+    rows = {int(r["num_updates"]): r for r in json_logs(proc)}
+    # update n+1's row shows step n; T_div = 4, D = 8 (k: 4 -> 1 over updates 4..12), H = 13
+    for n in range(5, 14):
+        target = 4 - 3 * (n - 1 - 4) / 8
+        assert rows[n]["moe_target_experts_per_token"] == pytest.approx(target, abs=1e-3)
+        assert rows[n]["moe_experts_per_token"] == pytest.approx(target, rel=0.1), n
+    assert rows[5]["moe_experts_per_token"] == 4.0 and rows[13]["moe_experts_per_token"] == pytest.approx(1.0, abs=0.01)
+    assert all(rows[n]["moe_experts_per_token"] == 1.0 for n in range(14, 17))
+    assert all(rows[n]["moe_switch_changed_pct"] == 0.0 for n in range(14, 17))  # k(t) reached 1 first
+    spent = [rows[n]["moe_expert_compute"] for n in range(1, 17)]
+    assert all(b > a for a, b in zip(spent, spent[1:]))
+    valid = json_logs(proc, "valid")
+    assert [v["valid_moe_expert_compute"] for v in valid] == [rows[8]["moe_expert_compute"], rows[16]["moe_expert_compute"]]
+
+
+def test_the_paper_mode_switch_changes_routing(lm_data, tmp_path):
+    """--dts-sparsity threshold (the default): at the switch to top-1 several experts per token
+    become one, and the share of tokens whose routing changes is logged."""
+    proc = run_cli("fairseq-train", *lm_args(lm_data, tmp_path / "ckpt", "--max-update", "14", "--disable-validation"))
+    rows = {int(r["num_updates"]): r for r in json_logs(proc)}
+    assert rows[13]["moe_experts_per_token"] > 1.0 and "moe_switch_changed_pct" not in rows[13]
+    assert rows[14]["moe_experts_per_token"] == 1.0 and rows[14]["moe_switch_changed_pct"] > 0.0

@@ -5,7 +5,7 @@ from argparse import Namespace
 
 import pytest
 
-from fairseq_evomoe.evomoe.schedule import EvoMoESchedule, Phase, resolve_updates, temperature
+from fairseq_evomoe.evomoe.schedule import EvoMoESchedule, Phase, anneal, resolve_updates, temperature
 
 
 @pytest.mark.parametrize("kind", ["linear", "exponential", "cosine"])
@@ -88,3 +88,13 @@ def test_contradictory_settings_are_rejected(overrides, message):
 def test_hard_start_only_when_asked():
     s = EvoMoESchedule.from_args(schedule_args(evomoe_diversify_updates=0, dts_hard_update=0, dts_allow_hard_start=True))
     assert s.phase(0) == Phase.HARD
+
+
+@pytest.mark.parametrize("kind", ["linear", "exponential", "cosine"])
+def test_experts_per_token_schedule_goes_from_k_start_to_one_from_the_spawn(kind):
+    s = EvoMoESchedule(diversify_updates=10, anneal_updates=100, hard_update=110, tau_schedule=kind)
+    assert s.experts_per_token(0, 8) == 8 and s.experts_per_token(10, 8) == 8
+    assert s.experts_per_token(110, 8) == 1 and s.experts_per_token(500, 8) == 1
+    mid = s.experts_per_token(60, 8)
+    assert 1 < mid < 8 and mid == anneal(50, 8, 1.0, 100, kind)
+    assert s.experts_per_token(60, 1) == 1

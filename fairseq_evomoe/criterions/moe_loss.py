@@ -33,6 +33,12 @@ mean. "Assignment" = one (token, expert) pair chosen by the gate; a token sent t
                               (1 = balanced), per forward
   moe_unused_experts          experts that kept no token in a forward
   moe_router_entropy          mean entropy of the router distribution per token (nats)
+  moe_<count>_pct             % of tokens in a count the gate reports (Routing.token_counts), e.g. the
+                              DTS gate's moe_switch_changed_pct
+  moe_expert_compute          expert compute spent by training so far, cumulative over the run: kept
+                              (token, expert) assignments summed over the MoE layers, i.e. expert FFN
+                              passes of one token (a dense FFN layer would count one per token); in
+                              fairseq's saved metrics, so it continues on resume (not with --reset-meters)
   moe_<gate state>            gate schedule values, e.g. moe_temperature, moe_phase (mean of the outputs)
   moe_load_<layer>_e<k>       share of kept tokens of expert k in that layer, over the forwards
                               the gate routed only (EvoMoE: after the spawn) (with --moe-log-expert-load)
@@ -101,7 +107,10 @@ class MoELossMixin:
         logging_output["loss"] = loss.data
         logging_output["moe_gate_loss"] = gate_term.data
         if layers:
-            logging_output.update(routing_summary(layers, self.moe_log_expert_load))
+            summary = routing_summary(layers, self.moe_log_expert_load)
+            logging_output.update(summary)
+            if model.training:  # expert compute spent by training (validation's is not counted)
+                logging_output[TRAINING_KEPT] = sum(v for k, v in summary.items() if k.startswith("_moe_kept_"))
         return loss, sample_size, logging_output
 
 
@@ -152,10 +161,13 @@ def routing_summary(layers: List[MoELayer], per_expert: bool) -> Dict[str, float
             (load == 0).sum().float() * n,
         ]))
         loads.append(load if per_expert and m.gate_routes else load[:0])
-    values = torch.cat([torch.stack(rows).flatten()] + loads).tolist()
     names = layer_names(layers)
+    gate_counts = [(f"{TOKEN_COUNT}{key[len('token_count_'):]}_{name}", value.to(device).reshape(1))
+                   for m, name in zip(layers, names) for key, value in m.metadata.items() if key.startswith("token_count_")]
+    values = torch.cat([torch.stack(rows).flatten()] + loads + [v for _, v in gate_counts]).tolist()
     keys = [f"_moe_{c}_{name}" for name in names for c in COUNTS]
     keys += [f"_moe_load_{name}_e{e}" for name, load in zip(names, loads) for e in range(load.numel())]
+    keys += [k for k, _ in gate_counts]
     out: Dict[str, float] = dict(zip(keys, values))
     state = layers[0].state_for_logging()
     for k, v in state.items():
@@ -164,6 +176,16 @@ def routing_summary(layers: List[MoELayer], per_expert: bool) -> Dict[str, float
     out["moe_phase"] = float(state.get("phase", 1))
     out["moe_count"] = 1
     return out
+
+
+TOKEN_COUNT = "_moe_tokencount_"  # + <count>_<layer>: a count of tokens the gate reports
+EXPERT_COMPUTE = "_moe_expert_compute"
+TRAINING_KEPT = "_moe_training_kept"  # a training forward's kept assignments, all layers
+
+
+def _expert_compute_spent(meters) -> float:
+    meter = metrics.get_meter(EXPERT_COMPUTE, EXPERT_COMPUTE)
+    return round(float(meter.sum), 0) if meter is not None else 0.0
 
 
 def _total(logging_outputs, key):
@@ -183,6 +205,13 @@ def _layer_ratio(meters, name: str, layer: str) -> float:
 
 def _mean_over_layers(name: str, layers: List[str], meters) -> float:
     return round(sum(_layer_ratio(meters, name, layer) for layer in layers) / len(layers), 3)
+
+
+def _token_count_pct(count: str, layers: List[str], meters) -> float:
+    """The mean, over the layers that report `count`, of its share of their tokens (in %)."""
+    shares = [100 * _summed(meters, f"{TOKEN_COUNT}{count}_{layer}") / _summed(meters, f"_moe_tokens_{layer}")
+              for layer in layers if f"{TOKEN_COUNT}{count}_{layer}" in meters and _summed(meters, f"_moe_tokens_{layer}") > 0]
+    return round(sum(shares) / len(shares), 3) if shares else 0.0
 
 
 def _expert_share(layer: str, expert: int, num_experts: int, meters) -> float:
@@ -220,6 +249,15 @@ def reduce_moe_metrics(logging_outputs) -> None:
             metrics.log_scalar(k, float(_total(logging_outputs, k)) / count, count, round=3)
     for name in ROUTING_METRICS:
         metrics.log_derived(name, partial(_mean_over_layers, name, layers), priority=10)
+    counts = {k[len(TOKEN_COUNT):].rsplit(f"_{layer}", 1)[0] for k in keys if k.startswith(TOKEN_COUNT)
+              for layer in layers if k.endswith(f"_{layer}")}
+    for count in sorted(counts):
+        metrics.log_derived(f"moe_{count}_pct", partial(_token_count_pct, count, layers), priority=10)
+    # training's kept assignments accumulate in an aggregator of their own, which fairseq never
+    # resets and saves in checkpoints with its other metrics
+    with metrics.aggregate(EXPERT_COMPUTE):
+        metrics.log_scalar_sum(EXPERT_COMPUTE, float(_total(logging_outputs, TRAINING_KEPT)))
+    metrics.log_derived("moe_expert_compute", _expert_compute_spent, priority=10)
     for layer, num_experts in sorted(experts.items()):
         for e in range(num_experts):
             metrics.log_derived(f"moe_load_{layer}_e{e}", partial(_expert_share, layer, e, num_experts), priority=10)

@@ -4,12 +4,21 @@ Per token x, logits l = W_g x (fp32), p = softmax(l), g ~ Gumbel(0, 1) per token
 
 soft phase (training, num_updates < H):
     y = softmax((l + g) / tau)
-    the token goes to every expert e with y_e > threshold (optionally only the `dts_max_experts`
-    largest; the largest always passes), weight p_e (default) or y_e (`--dts-combine-weights gumbel`),
-    optionally renormalised over the selected experts. Nothing is dropped: capacity is unlimited.
-    High tau -> y near uniform -> all E experts; as tau falls y sharpens and fewer pass.
+    `--dts-sparsity threshold` (the paper's rule): the token goes to every expert e with
+    y_e > threshold; high tau -> y near uniform -> all E experts; as tau falls y sharpens and fewer
+    pass (how many depends on the router's logit scale as much as on tau).
+    `--dts-sparsity scheduled`: the batch keeps round(k(t) * S) assignments, k(t) going from
+    `--dts-k-start` (default E) to 1 over the anneal updates: each token's largest y, then the
+    batch's largest remaining y. The mean number of experts per token is k(t) whatever the logits.
+    Either way the largest y always passes, optionally only the `dts_max_experts` largest; weight
+    p_e (default) or y_e (`--dts-combine-weights gumbel`), optionally renormalised over the selected
+    experts. Nothing is dropped: capacity is unlimited.
 hard phase (training, num_updates >= H):
     top-1 by the Gumbel-max sample argmax(l + g), weight p of that expert; capacity as configured.
+    The gate also counts the tokens for which the soft rule, at the same noise and schedule, would
+    select more than that one expert (`switch_changed`, logged as moe_switch_changed_pct): at the
+    switch, the share of tokens whose routing the switch changes (capacity drops aside, which
+    moe_tokens_dropped_pct shows).
 evaluation / generation:
     top-1 = argmax(l), weight p, no noise, nothing dropped.
 balance loss:
@@ -33,6 +42,7 @@ from .saved_schedule import saved_update_counts
 from .schedule import EvoMoESchedule, Phase
 
 COMBINE_WEIGHTS = ("softmax", "gumbel")
+SPARSITY_MODES = ("threshold", "scheduled")
 
 
 @dataclass
@@ -42,6 +52,15 @@ class DTSOptions(FairseqDataclass):
     )
     dts_combine_weights: str = field(
         default="softmax", metadata={"help": "dts gate: combine weights of selected experts: softmax (of the logits) or gumbel (the Gumbel-softmax weights)"}
+    )
+    dts_sparsity: str = field(
+        default="threshold",
+        metadata={"help": "dts gate: how the soft phase sparsifies: threshold (the paper's: every expert whose Gumbel-softmax "
+                  "weight passes --dts-threshold) or scheduled (the mean experts per token follows k(t) from --dts-k-start "
+                  "down to 1 over --dts-anneal-updates, whatever the router's logit scale)"},
+    )
+    dts_k_start: float = field(
+        default=0, metadata={"help": "dts gate, --dts-sparsity scheduled: mean experts per token at the spawn (0 = all experts)"}
     )
     dts_renormalize: bool = field(default=False, metadata={"help": "dts gate: renormalise combine weights over the selected experts"})
     dts_max_experts: int = field(default=0, metadata={"help": "dts gate: at most this many experts per token in the soft phase; 0 = no cap"})
@@ -65,6 +84,12 @@ class DenseToSparseGate(RouterGate):
         self.combine = args.dts_combine_weights
         self.renormalize = args.dts_renormalize
         self.max_experts = args.dts_max_experts
+        self.sparsity = getattr(args, "dts_sparsity", "threshold")
+        self.k_start = getattr(args, "dts_k_start", 0) or num_experts
+        if self.sparsity not in SPARSITY_MODES:
+            raise ValueError(f"--dts-sparsity {self.sparsity!r} is not valid; choose one of: {', '.join(SPARSITY_MODES)}")
+        if not 1 <= self.k_start <= num_experts:
+            raise ValueError(f"--dts-k-start must be between 1 and --moe-expert-count ({num_experts}), or 0 for all experts; got {self.k_start}")
         if self.combine not in COMBINE_WEIGHTS:
             raise ValueError(f"--dts-combine-weights {self.combine!r} is not valid; choose one of: {', '.join(COMBINE_WEIGHTS)}")
         if not 0 <= self.threshold < 1:
@@ -91,9 +116,13 @@ class DenseToSparseGate(RouterGate):
         self.num_updates = num_updates
         self.tau = self.schedule.tau(num_updates)
         self.phase = self.schedule.phase(num_updates)
+        self.target_experts = self.schedule.experts_per_token(num_updates, self.k_start)
 
     def state_for_logging(self):
-        return {"temperature": self.tau, "phase": int(self.phase)}
+        state = {"temperature": self.tau, "phase": int(self.phase)}
+        if self.sparsity == "scheduled":
+            state["target_experts_per_token"] = self.target_experts if self.phase == Phase.SOFT else 1.0
+        return state
 
     def forward(self, x: Tensor, token_ids=None) -> Routing:
         logits = self.router(x)
@@ -105,14 +134,13 @@ class DenseToSparseGate(RouterGate):
         if self.phase == Phase.HARD:
             expert = (logits.detach() + gumbel).argmax(dim=-1)
             weight = probs.gather(1, expert[:, None]).squeeze(1)
-            return self._routing(x, expert, weight, probs, logits, droppable=True)
+            routing = self._routing(x, expert, weight, probs, logits, droppable=True)
+            soft = self.soft_selection(((logits.detach() + gumbel) / self.tau).softmax(dim=-1))
+            routing.token_counts = {"switch_changed": (soft.sum(dim=-1) > 1).sum()}
+            return routing
 
         y = ((logits + gumbel) / self.tau).softmax(dim=-1)
-        selected = y.detach() > self.threshold
-        selected.scatter_(1, y.detach().argmax(dim=-1, keepdim=True), True)  # at least one expert
-        if self.max_experts and self.max_experts < self.num_experts:
-            top = y.detach().topk(self.max_experts, dim=-1).indices
-            selected &= torch.zeros_like(selected).scatter_(1, top, True)
+        selected = self.soft_selection(y.detach())
         combine = (probs if self.combine == "softmax" else y) * selected
         if self.renormalize:
             combine = combine / combine.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(combine.dtype).eps)
@@ -120,6 +148,18 @@ class DenseToSparseGate(RouterGate):
         weight = combine[token, expert]
         balance = self.balance_loss(combine, selected)
         return Routing(token, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits), droppable=False)
+
+    def soft_selection(self, y: Tensor) -> Tensor:
+        """[S, E] bool: the experts the soft phase gives each token, from its Gumbel-softmax weights."""
+        if self.sparsity == "scheduled":
+            selected = scheduled_selection(y, self.target_experts)
+        else:
+            selected = y > self.threshold
+            selected.scatter_(1, y.argmax(dim=-1, keepdim=True), True)  # at least one expert
+        if self.max_experts and self.max_experts < self.num_experts:
+            top = y.topk(self.max_experts, dim=-1).indices
+            selected &= torch.zeros_like(selected).scatter_(1, top, True)
+        return selected
 
     def _routing(self, x, expert, weight, probs, logits, droppable) -> Routing:
         tokens = torch.arange(x.shape[0], device=x.device)
@@ -132,3 +172,16 @@ class DenseToSparseGate(RouterGate):
         if combine.shape[0] == 0:
             return combine.new_zeros(())
         return self.num_experts * torch.sum(combine.mean(dim=0) * selected.float().mean(dim=0))
+
+
+def scheduled_selection(y: Tensor, k: float) -> Tensor:
+    """[S, E] bool: round(k * S) assignments for S tokens, each token's largest weight first, then
+    the largest of the remaining weights of the whole batch (so tokens whose weights are spread
+    get more experts than tokens with one clear favourite)."""
+    num_tokens, num_experts = y.shape
+    selected = torch.zeros_like(y, dtype=torch.bool).scatter_(1, y.argmax(dim=-1, keepdim=True), True)
+    extra = min(int(round(k * num_tokens)), num_tokens * num_experts) - num_tokens
+    if extra > 0:
+        others = y.masked_fill(selected, -1.0).reshape(-1)
+        selected.view(-1)[others.topk(extra).indices] = True
+    return selected

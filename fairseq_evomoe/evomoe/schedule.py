@@ -3,6 +3,7 @@
     updates:  0 ........ T_div ................................ H ..................
     phase:    diversify  | gate-sparsify, soft (DTS, tau anneals) | gate-sparsify, hard (top-1)
     tau:      tau_max    | tau(t), t = num_updates - T_div, over D updates -> tau_min
+    k:        k_start    | k(t), the same shape, over D updates -> 1  (--dts-sparsity scheduled)
 
 Everything is derived from `num_updates`, so a run resumed from any checkpoint is in exactly the
 phase and temperature it would have had without the interruption.
@@ -22,19 +23,25 @@ class Phase(IntEnum):
     HARD = 2  # top-1 routing
 
 
-def temperature(t: int, tau_max: float, tau_min: float, anneal_updates: int, kind: str = "linear") -> float:
-    """The gate temperature `t` updates into the gate-sparsify phase (t < 0 counts as 0)."""
+def anneal(t: int, start: float, end: float, anneal_updates: int, kind: str = "linear") -> float:
+    """A value going from `start` to `end` (end <= start) over `anneal_updates`, `t` updates into
+    the gate-sparsify phase (t < 0 counts as 0), linearly, exponentially or along a half cosine."""
     t = max(t, 0)
     frac = min(t / anneal_updates, 1.0)
     if kind == "linear":
-        tau = tau_max - frac * (tau_max - tau_min)
+        value = start - frac * (start - end)
     elif kind == "exponential":
-        tau = tau_max * (tau_min / tau_max) ** frac
+        value = start * (end / start) ** frac
     elif kind == "cosine":
-        tau = tau_min + 0.5 * (tau_max - tau_min) * (1.0 + math.cos(math.pi * frac))
+        value = end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * frac))
     else:
         raise ValueError(f"--dts-tau-schedule {kind!r} is not valid; choose one of: {', '.join(TAU_SCHEDULES)}")
-    return max(tau, tau_min)
+    return max(value, end)
+
+
+def temperature(t: int, tau_max: float, tau_min: float, anneal_updates: int, kind: str = "linear") -> float:
+    """The gate temperature `t` updates into the gate-sparsify phase."""
+    return anneal(t, tau_max, tau_min, anneal_updates, kind)
 
 
 def resolve_updates(value: Optional[float], max_update: int, option: str) -> Optional[int]:
@@ -72,6 +79,11 @@ class EvoMoESchedule:
         return temperature(
             num_updates - self.diversify_updates, self.tau_max, self.tau_min, self.anneal_updates, self.tau_schedule
         )
+
+    def experts_per_token(self, num_updates: int, k_start: float) -> float:
+        """k(t): the mean number of experts per token that scheduled sparsity targets, from
+        `k_start` at the spawn down to 1 over the D anneal updates, in the temperature's shape."""
+        return anneal(num_updates - self.diversify_updates, k_start, 1.0, self.anneal_updates, self.tau_schedule)
 
     @classmethod
     def from_args(cls, args) -> "EvoMoESchedule":

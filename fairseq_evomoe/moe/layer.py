@@ -130,6 +130,8 @@ class MoELayer(nn.Module):
         stats["z_loss"] = routing.z_loss.float()
         if routing.extra_loss is not None:
             stats["extra_loss"] = routing.extra_loss.float()
+        for name, count in (routing.token_counts or {}).items():
+            stats[f"token_count_{name}"] = count.detach().float()
         return stats
 
     # -- a slow, obviously correct reference, for tests only ---------------------------------

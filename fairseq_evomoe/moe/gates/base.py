@@ -32,6 +32,8 @@ class Routing:
     extra_loss: a scalar the gate wants minimised besides the balance loss (e.g. StableMoE's
         routing distillation); the criterion adds it with weight 1 (x sample size).
     droppable: False when capacity must not drop anything (e.g. dense-to-sparse soft routing, evaluation).
+    token_counts: numbers of tokens (scalar tensors) the gate wants logged, by name, as a percentage
+        of the layer's tokens (the criterion logs moe_<name>_pct).
     """
 
     token_idx: Tensor
@@ -46,6 +48,7 @@ class Routing:
     extra_loss: Optional[Tensor] = None
     # assignments per token that the capacity formula budgets for (1 for top-1, 2 for top-2)
     capacity_k: int = 1
+    token_counts: Optional[Dict[str, Tensor]] = None
 
 
 class Gate(nn.Module):

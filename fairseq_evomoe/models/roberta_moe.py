@@ -11,6 +11,7 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 
 from ..moe import options as moe_options
 from ..moe.parallel.checkpoint import ExpertParallelModelMixin
+from .checkpoint_checks import MoECheckpointChecksMixin
 from .model_checks import prepare_moe_args
 from .moe_stack import MoETransformerEncoder
 
@@ -25,7 +26,7 @@ class RobertaMoEEncoder(RobertaEncoder):
 
 
 @register_model("roberta_moe")
-class RobertaMoEModel(ExpertParallelModelMixin, RobertaModel):
+class RobertaMoEModel(MoECheckpointChecksMixin, ExpertParallelModelMixin, RobertaModel):
     @staticmethod
     def add_args(parser):
         RobertaModel.add_args(parser)

@@ -6,12 +6,13 @@ from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerL
 
 from ..moe import options as moe_options
 from ..moe.parallel.checkpoint import ExpertParallelModelMixin
+from .checkpoint_checks import MoECheckpointChecksMixin
 from .model_checks import prepare_moe_args
 from .moe_stack import MoETransformerDecoder
 
 
 @register_model("transformer_lm_moe")
-class TransformerLanguageModelMoE(ExpertParallelModelMixin, TransformerLanguageModel):
+class TransformerLanguageModelMoE(MoECheckpointChecksMixin, ExpertParallelModelMixin, TransformerLanguageModel):
     @classmethod
     def add_args(cls, parser):
         gen_parser_from_dataclass(parser, TransformerLanguageModelConfig(), delete_default=True)

@@ -10,12 +10,13 @@ from fairseq.models.transformer.transformer_legacy import (
 
 from ..moe import options as moe_options
 from ..moe.parallel.checkpoint import ExpertParallelModelMixin
+from .checkpoint_checks import MoECheckpointChecksMixin
 from .moe_stack import MoETransformerDecoder, MoETransformerEncoder
 from .model_checks import prepare_moe_args
 
 
 @register_model("transformer_moe")
-class TransformerMoEModel(ExpertParallelModelMixin, TransformerModel):
+class TransformerMoEModel(MoECheckpointChecksMixin, ExpertParallelModelMixin, TransformerModel):
     """Encoder-decoder transformer whose every `--moe-freq`-th FFN is a mixture of experts."""
 
     @classmethod

@@ -14,7 +14,11 @@ setup(
         'fairseq-fixed==0.12.3.1; python_version >= "3.11"',
         'fairseq==0.12.2; python_version < "3.11"',
         "torch>=1.13",
-        "numpy",
+        # numpy<2: fairseq 0.12 (0.12.2 and the fairseq-fixed 0.12.3.1 fork alike) calls np.compat.long,
+        # gone in NumPy 2, and np.percentile(interpolation=...), gone in NumPy 2.4: --sample-break-mode
+        # eos and the hub's .score() (TokenBlockDataset) and --num-batch-buckets (LanguagePairDataset)
+        # die on NumPy 2. tests/test_numpy_paths.py covers these paths.
+        "numpy<2",
         "sacrebleu>=2.0",
         "sentencepiece",
         "matplotlib",

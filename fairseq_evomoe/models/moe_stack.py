@@ -28,6 +28,7 @@ import logging
 from contextlib import contextmanager
 from typing import List, Optional
 
+import torch
 import torch.nn as nn
 from fairseq import utils
 from fairseq.distributed import fsdp_wrap
@@ -96,14 +97,39 @@ def distribute_experts(experts: ExpertFFNs, placement: ExpertPlacement) -> Exper
     return experts
 
 
+class NoDenseFFN(nn.Identity):
+    """fc1 and fc2 of an MoE layer while fairseq builds it: an identity with empty, unsaved
+    `weight` and `bias` (fairseq 0.12.2's encoder layer reads their shapes in its constructor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(0), persistent=False)
+        self.register_buffer("bias", torch.empty(0), persistent=False)
+
+
+# fairseq 0.12.2's encoder layer keeps fused copies of its weights for an inference kernel
+# (BetterTransformer) that runs a dense FFN; an MoE layer has no such copies and never takes it
+FAST_PATH_PARAMS = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
+                    "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+
+
+def no_fused_inference(layers) -> None:
+    """fairseq 0.12.2 only: its encoder layers' fused inference kernel skips an MoE FFN, and with
+    recent torch it fails in the dense layers too ("Mask Type should be defined"); switched off
+    for every layer of an MoE encoder (fairseq-fixed has no such kernel)."""
+    for layer in layers:
+        if hasattr(layer, "can_use_fastpath"):
+            layer.can_use_fastpath = False
+
+
 class MoEFFNMixin:
     """Turns a fairseq transformer layer's FFN sub-block into `self.moe` (see module docstring)."""
 
     def build_fc1(self, *args, **kwargs):
-        return nn.Identity()  # replaced by the MoE; avoids allocating a dense fc1
+        return NoDenseFFN()  # replaced by the MoE; avoids allocating a dense fc1
 
     def build_fc2(self, *args, **kwargs):
-        return nn.Identity()
+        return NoDenseFFN()
 
     def install_moe(self, moe: MoELayer) -> None:
         del self.fc1
@@ -130,6 +156,12 @@ class MoETransformerEncoderLayer(MoEFFNMixin, TransformerEncoderLayerBase):
     def __init__(self, cfg, moe: MoELayer, return_fc: bool = False):
         super().__init__(cfg, return_fc=return_fc)
         self.install_moe(moe)
+        for name in FAST_PATH_PARAMS:  # fairseq 0.12.2 only (see FAST_PATH_PARAMS)
+            self._parameters.pop(name, None)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # past fairseq 0.12.2's encoder layer, which fills the fused copies from fc1.weight etc. here
+        nn.Module._load_from_state_dict(self, *args, **kwargs)
 
 
 class MoETransformerDecoderLayer(MoEFFNMixin, TransformerDecoderLayerBase):
@@ -190,6 +222,7 @@ class MoETransformerEncoder(TransformerEncoderBase):
             self.layers, cfg, cfg.encoder, dictionary, "encoder",
             lambda moe: MoETransformerEncoderLayer(cfg, moe, return_fc=return_fc),
         )
+        no_fused_inference(self.layers)
 
     def forward(self, src_tokens, src_lengths=None, return_all_hiddens: bool = False, token_embeddings=None):
         with routing_tokens(self.moe_layers, src_tokens):

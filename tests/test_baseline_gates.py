@@ -199,7 +199,9 @@ def test_stablemoe_stage2_routing_is_frozen_by_token_id():
     assert torch.equal(g(torch.randn(64, 16), ids).expert_idx, r1.expert_idx)
 
 
-def test_stablemoe_stage_survives_state_dict_and_follows_the_counter():
+def test_stablemoe_stage_survives_state_dict_and_never_goes_back():
+    """Stage 2 and its frozen table come with the checkpoint and stay when the counter goes back
+    below the switch (fine-tuning that restarts it); --moe-rerun-schedules follows the counter."""
     d = zipf_dictionary(n=60)
     g = gate("stablemoe", dictionary=d, stablemoe_stage2_update=5)
     g.set_num_updates(7)
@@ -209,8 +211,12 @@ def test_stablemoe_stage_survives_state_dict_and_follows_the_counter():
     assert fresh.stage == 2 and torch.equal(fresh.frozen_table, g.frozen_table)  # generate: no counter
     fresh.set_num_updates(8)
     assert torch.equal(fresh.frozen_table, g.frozen_table)  # not recomputed on resume
-    fresh.set_num_updates(3)
-    assert fresh.stage == 1
+    fresh.set_num_updates(0)
+    assert fresh.stage == 2 and torch.equal(fresh.frozen_table, g.frozen_table)
+    rerun = gate("stablemoe", dictionary=d, stablemoe_stage2_update=5, moe_rerun_schedules=True)
+    rerun.load_state_dict(g.state_dict())
+    rerun.set_num_updates(3)
+    assert rerun.stage == 1
 
 
 def test_stablemoe_option_errors():

@@ -302,3 +302,35 @@ def test_hard_phase_counts_the_tokens_the_switch_changes(sparsity):
     many = int((layer.gate.soft_selection(y).sum(-1) > 1).sum())
     assert int(routing.token_counts["switch_changed"]) == many
     assert (many == 0) if sparsity == "scheduled" else (many > 0)
+
+
+def test_a_loaded_gate_never_goes_back_to_an_earlier_phase():
+    """Fine-tuning that restarts the update counter (--reset-optimizer, --finetune-from-model) keeps
+    the routing the checkpoint had reached: top-1 stays top-1 and tau never rises again; an
+    unfinished schedule continues from where it was. --moe-rerun-schedules follows the counter."""
+    trained = dts_layer(dts_hard_update=100)
+    trained.gate.set_num_updates(150)
+    assert trained.gate.phase == Phase.HARD and int(trained.gate.schedule_position) == 150
+    for rerun, phase in ((False, Phase.HARD), (True, Phase.SOFT)):
+        tuned = dts_layer(dts_hard_update=100, moe_rerun_schedules=rerun)
+        tuned.load_state_dict(trained.state_dict())
+        tuned.gate.set_num_updates(0)
+        assert tuned.gate.phase == phase
+        assert tuned.gate.tau == (trained.gate.tau if not rerun else 2.0)
+        x = torch.randn(64, 16)
+        tuned(x)
+        assert (tuned.metadata["experts_per_token"].item() == 1.0) == (not rerun)
+    halfway = dts_layer(dts_hard_update=100)
+    halfway.gate.set_num_updates(40)
+    tuned = dts_layer(dts_hard_update=100)
+    tuned.load_state_dict(halfway.state_dict())
+    tuned.gate.set_num_updates(5)
+    assert tuned.gate.tau == halfway.gate.tau and int(tuned.gate.schedule_position) == 40
+    tuned.gate.set_num_updates(45)
+    assert tuned.gate.tau == trained.gate.schedule.tau(45)
+    # a checkpoint written before schedule_position loads, with this run's counter
+    old = {k: v for k, v in halfway.state_dict().items() if k != "gate.schedule_position"}
+    fresh = dts_layer(dts_hard_update=100)
+    fresh.load_state_dict(old)
+    fresh.gate.set_num_updates(5)
+    assert fresh.gate.tau == trained.gate.schedule.tau(5)

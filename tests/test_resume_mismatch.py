@@ -65,7 +65,7 @@ FIX = "To load it, run with the checkpoint's values"
       "this run asked for --moe-gate hash (gate state: table)", "(--moe-gate top1/top2/base/dense_moe)"]),
     (["--moe-gate", "hash"], ["--moe-gate", "dts"],
      ["--moe-gate: the checkpoint's MoE layers were trained with the hash gate (gate state: table); "
-      "this run asked for --moe-gate dts (gate state: router.wg.weight, schedule_updates)", "(--moe-gate hash)"]),
+      "this run asked for --moe-gate dts (gate state: router.wg.weight, schedule_position, schedule_updates)", "(--moe-gate hash)"]),
     (["--moe-gate", "dts"], ["--moe-gate", "top1"],
      ["trained with the dts gate", "this run asked for --moe-gate top1", "(--moe-gate dts)"]),
     (["--moe-gate", "stablemoe"], ["--moe-gate", "top2"],

@@ -26,7 +26,10 @@ balance loss:
     ce_e = fraction of tokens that selected e (a token may select several). Padding never reaches a gate.
 
 tau and the phase come from `EvoMoESchedule` (schedule.py), a pure function of the update
-counter that fairseq pushes into every module through `set_num_updates`.
+counter that fairseq pushes into every module through `set_num_updates`. The schedule's position
+(`schedule_position`, in checkpoints) never goes back below the one a loaded checkpoint had reached,
+so fine-tuning that restarts the counter keeps the routing the model was trained with (a gate that
+reached top-1 stays top-1, its temperature never rises), unless --moe-rerun-schedules.
 """
 
 from dataclasses import dataclass, field, replace
@@ -99,6 +102,9 @@ class DenseToSparseGate(RouterGate):
         self.schedule = EvoMoESchedule.from_args(args)
         # in checkpoints, so that a resumed run keeps its schedule whatever its --max-update
         self.register_buffer("schedule_updates", torch.tensor(self._counts(self.schedule)))
+        self.rerun_schedule = getattr(args, "moe_rerun_schedules", False)
+        self.register_buffer("schedule_position", torch.tensor(0))
+        self.loaded_position = 0  # the schedule_position of the checkpoint last loaded
         self.set_num_updates(0)
 
     @staticmethod
@@ -109,14 +115,18 @@ class DenseToSparseGate(RouterGate):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         t_div, anneal, hard = saved_update_counts(state_dict, prefix + "schedule_updates", self.schedule_updates, "(T_div, D, H)")
         self.schedule = replace(self.schedule, diversify_updates=t_div, anneal_updates=anneal, hard_update=None if hard < 0 else hard)
+        position = state_dict.setdefault(prefix + "schedule_position", self.schedule_position.detach().clone())
+        self.loaded_position = int(position)
         self.set_num_updates(self.num_updates)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates
-        self.tau = self.schedule.tau(num_updates)
-        self.phase = self.schedule.phase(num_updates)
-        self.target_experts = self.schedule.experts_per_token(num_updates, self.k_start)
+        position = num_updates if self.rerun_schedule else max(num_updates, self.loaded_position)
+        self.schedule_position.fill_(position)
+        self.tau = self.schedule.tau(position)
+        self.phase = self.schedule.phase(position)
+        self.target_experts = self.schedule.experts_per_token(position, self.k_start)
 
     def state_for_logging(self):
         state = {"temperature": self.tau, "phase": int(self.phase)}

@@ -37,7 +37,8 @@ from .moe_stack import MoETransformerDecoder, MoETransformerEncoder
 # exactly the same state and cannot be told apart there; they also load into one another.
 GATE_STATES: Dict[FrozenSet[str], Tuple[str, ...]] = {
     frozenset({"router.wg.weight"}): ("top1", "top2", "base", "dense_moe"),
-    frozenset({"router.wg.weight", "schedule_updates"}): ("dts",),
+    frozenset({"router.wg.weight", "schedule_updates", "schedule_position"}): ("dts",),
+    frozenset({"router.wg.weight", "schedule_updates"}): ("dts",),  # written before schedule_position
     frozenset({"table"}): ("hash",),
     frozenset({"router.wg.weight", "distill_embed.weight", "distill_proj.weight", "frozen_table", "frozen"}):
         ("stablemoe",),

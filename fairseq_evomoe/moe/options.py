@@ -44,6 +44,12 @@ class MoEOptions(FairseqDataclass):
     moe_router_jitter: float = field(
         default=0.0, metadata={"help": "multiply router inputs by U(1-eps, 1+eps) during training (Switch); 0 = off"}
     )
+    moe_rerun_schedules: bool = field(
+        default=False,
+        metadata={"help": "routing schedules (the DTS gate's phases and temperature, StableMoE's stages) follow this "
+                  "run's update counter even where the loaded checkpoint had got further; by default a loaded model "
+                  "never goes back to an earlier routing phase, e.g. when fine-tuning restarts the counter"},
+    )
     moe_seed: int = field(default=1, metadata={"help": "seed of MoE-specific randomness (hash tables, and any MoE method's own draws)"})
     moe_expert_dtype: str = field(
         default="auto",

@@ -21,7 +21,8 @@ stage 2 (num_updates >= `--stablemoe-stage2-update`):
 The stage follows the update counter that fairseq passes to `set_num_updates` before each step and
 after loading a checkpoint; the frozen table and the flag saying it is filled are buffers, so a
 checkpoint taken in stage 2 routes the same way in `fairseq-generate` (which sets no counter).
-Going back below the switch (e.g. a larger --stablemoe-stage2-update on resume) returns to stage 1.
+A gate in stage 2 stays there when the counter goes back below the switch (fine-tuning that restarts
+the counter, or a larger --stablemoe-stage2-update on resume), unless --moe-rerun-schedules.
 The paper's capacity factor is 2 (`--moe-capacity-factor 2`). Without a dictionary (a stand-alone
 layer) the distilled router has 1024 rows and ids are taken modulo 1024.
 """
@@ -61,6 +62,7 @@ class StableMoEGate(RouterGate):
         super().__init__(model_dim, num_experts, args, dictionary)
         self.stage2_update = getattr(args, "stablemoe_stage2_update", 10000)
         self.distill_wt = getattr(args, "stablemoe_distill_wt", 1.0)
+        self.rerun_schedule = getattr(args, "moe_rerun_schedules", False)
         dim = getattr(args, "stablemoe_distill_dim", 32)
         if self.stage2_update < -1:
             raise ValueError(f"--stablemoe-stage2-update must be >= 0, or -1 for no stage 2, got {self.stage2_update}")
@@ -85,7 +87,7 @@ class StableMoEGate(RouterGate):
             with torch.no_grad():
                 self.frozen_table.copy_(self.distilled_logits(torch.arange(self.vocab, device=self.frozen_table.device)).argmax(-1))
             self.frozen.fill_(True)
-        elif not stage2:
+        elif not stage2 and self.rerun_schedule:
             self.frozen.fill_(False)
 
     def state_for_logging(self):

@@ -136,3 +136,31 @@ def test_the_paper_mode_switch_changes_routing(lm_data, tmp_path):
     rows = {int(r["num_updates"]): r for r in json_logs(proc)}
     assert rows[13]["moe_experts_per_token"] > 1.0 and "moe_switch_changed_pct" not in rows[13]
     assert rows[14]["moe_experts_per_token"] == 1.0 and rows[14]["moe_switch_changed_pct"] > 0.0
+
+
+def test_upcycling_a_stock_dense_checkpoint(lm_data, tmp_path):
+    """EvoMoE from a dense transformer_lm trained by stock fairseq (--finetune-from-model): the
+    dense FFNs become the base experts, so the first update's loss equals the dense model's own
+    first update from the same checkpoint; the run then spawns, sparsifies and evaluates."""
+    sizes = ["--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "256",
+             "--decoder-input-dim", "64", "--decoder-output-dim", "64", "--decoder-attention-heads", "2",
+             "--activation-fn", "gelu", "--decoder-normalize-before", "--attention-dropout", "0.1"]
+    data = [lm_data, *COMMON, "--tokens-per-sample", "64", "--max-tokens", "512", "--disable-validation", *sizes]
+    dense = tmp_path / "dense"
+    run_cli("fairseq-train", *data, "--task", "language_modeling", "--arch", "transformer_lm",
+            "--criterion", "cross_entropy", "--max-update", "4", "--save-dir", dense)
+    start = ["--finetune-from-model", dense / "checkpoint_last.pt"]
+    again = json_logs(run_cli("fairseq-train", *data, *start, "--task", "language_modeling", "--arch", "transformer_lm",
+                              "--criterion", "cross_entropy", "--max-update", "1", "--save-dir", tmp_path / "again"))
+    evo = tmp_path / "evo"
+    proc = run_cli("fairseq-train", *data, *start, "--task", "evomoe_language_modeling", "--arch",
+                   "transformer_lm_evomoe_tiny", "--criterion", "moe_cross_entropy", "--moe-freq", "1",
+                   "--evomoe-diversify-updates", "2", "--dts-anneal-updates", "3", "--dts-hard-update", "6",
+                   "--max-update", "8", "--save-dir", evo)
+    rows = json_logs(proc)
+    assert rows[0]["loss"] == pytest.approx(again[0]["loss"], abs=2e-3)  # logged to 3 decimals
+    assert [r["moe_phase"] for r in rows] == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert "EvoMoE: spawned 4 experts in each of 2 MoE layers at update 2" in proc.stdout + proc.stderr
+    ev = run_cli("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", evo / "checkpoint_last.pt", "--cpu",
+                 "--tokens-per-sample", "64", "--max-tokens", "512", "--gen-subset", "test")
+    assert "Perplexity" in ev.stdout + ev.stderr

@@ -144,3 +144,36 @@ def test_checkpoint_with_evomoe_buffers_in_every_layer_loads():
     evo_state[f"{layers[0]}.spawned"] = torch.tensor(True)
     evo.load_state_dict(evo_state, strict=True)
     assert moe_layers(evo)[0].is_spawned
+
+
+def test_a_dense_checkpoint_upcycles_into_the_moe_model():
+    """A stock transformer_lm's state dict loads into the EvoMoE LM of the same sizes: each MoE
+    layer's experts all take that layer's dense FFN, the rest loads as is, so before the spawn the
+    two models compute the same outputs; the gate and the EvoMoE state are the MoE model's own."""
+    from fairseq.models import build_model
+
+    sizes = ["--decoder-layers", "2", "--decoder-embed-dim", "64", "--decoder-ffn-embed-dim", "256",
+             "--decoder-input-dim", "64", "--decoder-output-dim", "64", "--decoder-attention-heads", "2",
+             "--activation-fn", "gelu", "--decoder-normalize-before"]
+    moe, _, vocab = build_lm("--evomoe-diversify-updates", "5", "--max-update", "10", "--moe-gate", "dts", *sizes)
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, ["/nonexistent", "--task", "language_modeling", "--arch", "transformer_lm", *sizes])
+
+    class Task:
+        source_dictionary = target_dictionary = vocab
+
+    torch.manual_seed(1)
+    dense = build_model(args, Task()).eval()
+    moe.set_num_updates(100)  # fairseq moves the model to the checkpoint's update count before loading
+    moe.load_state_dict(dense.state_dict(), strict=True)
+    assert int(moe_layers(moe)[0].gate.schedule_position) == 0  # the routing schedule starts afresh
+    moe.eval()
+    layer = moe_layers(moe)[0]
+    assert not layer.is_spawned and int(layer.spawn_update) == 5
+    torch.testing.assert_close(layer.experts.fc1_weight[3], dense.decoder.layers[1].fc1.weight)
+    sample = lm_sample(vocab)
+    with torch.no_grad():
+        want = dense(**sample["net_input"])[0]
+        got = moe(**sample["net_input"])[0]
+    real = sample["net_input"]["src_tokens"] != vocab.pad()  # an MoE layer outputs 0 at padding
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)

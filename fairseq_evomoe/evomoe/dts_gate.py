@@ -128,6 +128,10 @@ class DenseToSparseGate(RouterGate):
         self.phase = self.schedule.phase(position)
         self.target_experts = self.schedule.experts_per_token(position, self.k_start)
 
+    def reset_schedule(self) -> None:
+        self.loaded_position = 0
+        self.set_num_updates(0)
+
     def state_for_logging(self):
         state = {"temperature": self.tau, "phase": int(self.phase)}
         if self.sparsity == "scheduled":

@@ -68,6 +68,10 @@ class DiversifyingMoELayer(MoELayer):
 
     # -- the spawn ---------------------------------------------------------------------------
 
+    def reset_schedule(self) -> None:
+        super().reset_schedule()
+        self.spawned.fill_(False)
+
     def spawn_due(self, num_updates: int) -> bool:
         return not self.is_spawned and num_updates >= self.plan.updates
 

@@ -142,14 +142,35 @@ class MoEFFNMixin:
         return self.moe
 
     def upgrade_state_dict_named(self, state_dict, name):
-        """Checkpoints written before EvoMoE's layer became a subclass stored its two buffers in
-        every MoE layer; a layer without an expert-diversify phase has neither."""
+        """A dense model's checkpoint is upcycled (see `upcycle_dense_ffn`). Checkpoints written
+        before EvoMoE's layer became a subclass stored its two buffers in every MoE layer; a layer
+        without an expert-diversify phase has neither."""
+        if f"{name}.fc1.weight" in state_dict and f"{name}.moe.experts.fc1_weight" not in state_dict:
+            upcycle_dense_ffn(self.moe, state_dict, name)
         if not isinstance(self.moe, DiversifyingMoELayer):
             for buffer in ("spawned", "spawn_update"):
                 state_dict.pop(f"{name}.moe.{buffer}", None)
         upgrade = getattr(super(), "upgrade_state_dict_named", None)
         if upgrade is not None:
             upgrade(state_dict, name)
+
+
+def upcycle_dense_ffn(moe: MoELayer, state_dict, name: str) -> None:
+    """Upcycling: the dense FFN of layer `name` in a dense model's state dict (fc1, fc2) becomes
+    every expert of its MoE layer, so each MoE layer starts as the dense model's FFN (EvoMoE's
+    base expert, before the spawn); the gate and the routing schedule come from the model, back at
+    the schedule's start (fairseq moves the model to the dense checkpoint's update count before it
+    loads the weights, which would have spawned the experts already). Everything else in the dense
+    checkpoint loads as is."""
+    moe.reset_schedule()
+    for dense, expert in (("fc1.weight", "fc1_weight"), ("fc1.bias", "fc1_bias"),
+                          ("fc2.weight", "fc2_weight"), ("fc2.bias", "fc2_bias")):
+        t = state_dict.pop(f"{name}.{dense}")  # all E experts: expert parallelism keeps its own slice on load
+        state_dict[f"{name}.moe.experts.{expert}"] = t.unsqueeze(0).expand(moe.num_experts, *t.shape).clone()
+    own = {**moe.gate.state_dict(prefix=f"{name}.moe.gate."),
+           **{f"{name}.moe.{b}": v for b, v in moe.named_buffers(recurse=False)}}
+    for key, value in own.items():
+        state_dict.setdefault(key, value.detach().clone())
 
 
 class MoETransformerEncoderLayer(MoEFFNMixin, TransformerEncoderLayerBase):

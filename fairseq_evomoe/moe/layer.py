@@ -57,6 +57,10 @@ class MoELayer(nn.Module):
         """Scalars about the layer's schedule (the gate's temperature, phase...) for the criterion."""
         return self.gate.state_for_logging()
 
+    def reset_schedule(self) -> None:
+        """Back to the routing schedule's start, as built (for weights that come from a dense model)."""
+        self.gate.reset_schedule()
+
     def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> Tensor:
         """x: [T, B, M] (fairseq's layout) or [S, M]; token_ids: [B, T] / [S] or None."""
         if token_ids is None:

@@ -76,6 +76,9 @@ class Gate(nn.Module):
         """Scalars about the gate's schedule (temperature, stage...) for the criterion's log."""
         return {}
 
+    def reset_schedule(self) -> None:
+        """Back to the schedule's start, as built (for weights that come from a dense model)."""
+
 
 class LinearRouter(nn.Module):
     """`logits = W_g x` in fp32, with optional input jitter and a non-finite guard."""

@@ -93,6 +93,9 @@ class StableMoEGate(RouterGate):
     def state_for_logging(self):
         return {"phase": self.stage}
 
+    def reset_schedule(self) -> None:
+        self.frozen.fill_(False)
+
     def distilled_logits(self, token_ids: Tensor) -> Tensor:
         return fp32_linear(self.distill_embed(token_ids % self.vocab), self.distill_proj.weight)
 

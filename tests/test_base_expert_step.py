@@ -2,7 +2,6 @@
 update as stepping all E slots, for a fraction of the work, and nothing outside the step changes."""
 
 import copy
-from argparse import Namespace
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ A gate or task a config names that is not registered fails the test.
 
 import argparse
 import os
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf, open_dict
@@ -126,7 +125,6 @@ def test_hydra_train_runs_tiny_config(lm_data, tmp_path):
     """fairseq-hydra-train really trains configs/tiny_lm.yaml with gate=evomoe (through the spawn and
     into the dense-to-sparse phase) on shipped WikiText-2."""
     import subprocess
-    import sys
 
     from conftest import cli
 

@@ -2,12 +2,10 @@
 translation (Multi30k), GPT (WikiText-2) and RoBERTa MLM (WikiText-2); generation, eval-lm,
 resume, checkpoint loading under torch's weights_only default, and start-up errors."""
 
-import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import REPO, USER_DIR, json_logs, run_cli
 

@@ -14,7 +14,6 @@
 """
 
 import copy
-import math
 import os
 import re
 import subprocess

@@ -76,8 +76,8 @@ FIX = "To load it, run with the checkpoint's values"
     (["--moe-freq", "2", "--decoder-layers", "4"], ["--moe-freq", "4", "--decoder-layers", "4"],
      ["the checkpoint has MoE FFNs in decoder layers [1, 3] (--moe-freq 2); "
       "this run asked for MoE FFNs in decoder layers [3] (--moe-freq 4)"]),
-    (["--moe-freq", "0"], ["--moe-freq", "2"],
-     ["the checkpoint has no MoE FFN in the decoder (--moe-freq 0); this run asked for MoE FFNs in decoder layers [1]"]),
+    (["--moe-freq", "2"], ["--moe-freq", "0"],
+     ["the checkpoint has MoE FFNs in decoder layers [1] (--moe-freq 2); this run asked for no MoE FFN in the decoder"]),
     (["--decoder-layers", "4"], ["--decoder-layers", "2"],
      ["--decoder-layers: the checkpoint has 4 decoder layers; this run asked for 2", "(--decoder-layers 4"]),
     (["--moe-expert-ffn-dim", "64"], ["--moe-expert-ffn-dim", "96"],
@@ -129,6 +129,7 @@ def _loads(saved_state, *run_args, kind=LM):
     (["--moe-gate", "top1"], ["--moe-gate", "dts"]),  # the DTS gate fills its schedule_updates buffer itself
     (["--arch", "transformer_lm_evomoe_tiny"], ["--arch", "transformer_lm_evomoe_tiny"]),
     (["--arch", "transformer_lm_evomoe_tiny"], ["--moe-gate", "dts"]),  # the layer drops its spawn buffers
+    (["--moe-freq", "0"], ["--moe-freq", "2"]),  # a dense checkpoint is upcycled (tests/test_moe_models.py)
     (["--moe-gate", "hash", "--moe-expert-count", "8", "--moe-freq", "1"],
      ["--moe-gate", "hash", "--moe-expert-count", "8", "--moe-freq", "1"]),
 ])

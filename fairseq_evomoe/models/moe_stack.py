@@ -142,17 +142,27 @@ class MoEFFNMixin:
         return self.moe
 
     def upgrade_state_dict_named(self, state_dict, name):
-        """A dense model's checkpoint is upcycled (see `upcycle_dense_ffn`). Checkpoints written
-        before EvoMoE's layer became a subclass stored its two buffers in every MoE layer; a layer
-        without an expert-diversify phase has neither."""
-        if f"{name}.fc1.weight" in state_dict and f"{name}.moe.experts.fc1_weight" not in state_dict:
-            upcycle_dense_ffn(self.moe, state_dict, name)
+        """Checkpoints written before EvoMoE's layer became a subclass stored its two buffers in
+        every MoE layer; a layer without an expert-diversify phase has neither."""
         if not isinstance(self.moe, DiversifyingMoELayer):
             for buffer in ("spawned", "spawn_update"):
                 state_dict.pop(f"{name}.moe.{buffer}", None)
         upgrade = getattr(super(), "upgrade_state_dict_named", None)
         if upgrade is not None:
             upgrade(state_dict, name)
+
+
+def upcycle_dense_stack(layers, state_dict, name: str) -> None:
+    """When the checkpoint's stack `name` is dense (no MoE layer at all: a model trained by stock
+    fairseq), upcycle each of our MoE layers from it; a stack with MoE layers elsewhere is a
+    mismatch, which models/checkpoint_checks.py reports."""
+    prefix = f"{name}.layers."
+    if any(key.startswith(prefix) and ".moe." in key for key in state_dict):
+        return
+    for i, layer in enumerate(layers):
+        moe = getattr(layer, "moe", None)
+        if isinstance(moe, MoELayer) and f"{prefix}{i}.fc1.weight" in state_dict:
+            upcycle_dense_ffn(moe, state_dict, f"{prefix}{i}")
 
 
 def upcycle_dense_ffn(moe: MoELayer, state_dict, name: str) -> None:
@@ -245,6 +255,10 @@ class MoETransformerEncoder(TransformerEncoderBase):
         )
         no_fused_inference(self.layers)
 
+    def upgrade_state_dict_named(self, state_dict, name):
+        upcycle_dense_stack(self.layers, state_dict, name)
+        return super().upgrade_state_dict_named(state_dict, name)
+
     def forward(self, src_tokens, src_lengths=None, return_all_hiddens: bool = False, token_embeddings=None):
         with routing_tokens(self.moe_layers, src_tokens):
             return super().forward(src_tokens, src_lengths, return_all_hiddens, token_embeddings)
@@ -258,6 +272,10 @@ class MoETransformerDecoder(TransformerDecoderBase):
             self.layers, cfg, cfg.decoder, dictionary, "decoder",
             lambda moe: MoETransformerDecoderLayer(cfg, moe, no_encoder_attn=no_encoder_attn),
         )
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        upcycle_dense_stack(self.layers, state_dict, name)
+        return super().upgrade_state_dict_named(state_dict, name)
 
     def extract_features(
         self,

@@ -71,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = parse_args(argv)
     cmdline = "python scripts/compare_gates.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     env = thread_env(a)
-    jobs = [(t, g, s) for t in a.tasks for g in a.gates for s in a.seeds]
+    jobs = [(t, g, s) for s in a.seeds for t in a.tasks for g in a.gates]  # seed by seed: a stopped run leaves whole seeds
     if a.dry_run:
         data = data_dirs(a)
         for t, g, s in jobs:

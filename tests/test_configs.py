@@ -28,7 +28,7 @@ from fairseq_evomoe.moe.gates.base import GATE_REGISTRY
 CONFIGS = REPO / "configs"
 PRIMARY = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 GATES = sorted(p.stem for p in (CONFIGS / "gate").glob("*.yaml"))
-EXPECTED_GATES = {"dense", "switch", "top2", "base", "hash", "stablemoe", "dense_moe", "evomoe"}
+EXPECTED_GATES = {"dense", "switch", "top2", "base", "hash", "stablemoe", "dense_moe", "evomoe", "evomoe_scheduled"}
 EXPECTED_PRIMARY = {"wmt17_en_de", "iwslt14_de_en", "gpt_small", "gpt_medium", "roberta_base", "roberta_large",
                     "tiny_lm", "tiny_mt", "tiny_mlm"}
 
@@ -74,9 +74,10 @@ def test_config_resolves(name, gate):
     # the gate group chose the routing (and, for EvoMoE, the phase-switching task)
     if gate == "dense":
         assert m.moe_freq == 0
-    elif gate == "evomoe":
+    elif gate.startswith("evomoe"):
         assert m.moe_gate == "dts" and cfg.task._name.startswith("evomoe_")
         assert m.evomoe_diversify_updates > 0 and m.max_update == cfg.optimization.max_update
+        assert m.get("dts_sparsity", "threshold") == {"evomoe_scheduled": "scheduled"}.get(gate, "threshold")
     else:
         assert not cfg.task._name.startswith("evomoe_")
         assert m.moe_gate == {"switch": "top1"}.get(gate, gate)

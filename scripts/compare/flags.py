@@ -12,7 +12,7 @@ from typing import List, Tuple
 
 from . import REPO
 
-ALL_GATES = ["dense", "switch", "top2", "base", "hash", "stablemoe", "dense_moe", "evomoe"]
+ALL_GATES = ["dense", "switch", "top2", "base", "hash", "stablemoe", "dense_moe", "evomoe", "evomoe_scheduled"]
 DEFAULT_GATES = ["dense", "switch", "top2", "base", "hash", "stablemoe", "evomoe"]
 TASKS = {"lm": "language_modeling", "mt": "translation"}
 
@@ -62,18 +62,29 @@ def config_flags(cfg: dict) -> List[str]:
     return args
 
 
-def gate_options(gate: str, task: str) -> Tuple[str, List[str]]:
-    """fairseq-train options (and the task name) from configs/gate/<gate>.yaml and configs/evomoe_task."""
+def load_group_config(group: str, name: str) -> dict:
+    """configs/<group>/<name>.yaml as a dict, with the configs its Hydra `defaults` list names in the same
+    group merged in first (as Hydra does; `_self_` last). SystemExit naming --gates when it is missing."""
     from omegaconf import OmegaConf
 
-    path = REPO / "configs" / "gate" / f"{gate}.yaml"
+    path = REPO / "configs" / group / f"{name}.yaml"
     if not path.is_file():
-        raise SystemExit(f"--gates: no config {path} for gate {gate!r}; choose from {', '.join(ALL_GATES)}")
-    args = config_flags(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+        raise SystemExit(f"--gates: no config {path} for gate {name!r}; choose from {', '.join(ALL_GATES)}")
+    own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    merged: dict = {}
+    for entry in own.pop("defaults", []):
+        if entry != "_self_":
+            merged.update(load_group_config(group, entry))
+    merged.update(own)
+    return merged
+
+
+def gate_options(gate: str, task: str) -> Tuple[str, List[str]]:
+    """fairseq-train options (and the task name) from configs/gate/<gate>.yaml and configs/evomoe_task."""
+    args = config_flags(load_group_config("gate", gate))
     task_name = TASKS[task]
-    evo = REPO / "configs" / "evomoe_task" / f"{gate}_{task_name}.yaml"
-    if evo.is_file():
-        task_name = OmegaConf.load(evo)._name
+    if (REPO / "configs" / "evomoe_task" / f"{gate}_{task_name}.yaml").is_file():
+        task_name = load_group_config("evomoe_task", f"{gate}_{task_name}")["_name"]
     return task_name, args
 
 

@@ -107,6 +107,21 @@ def mean_experts_per_token(parsed: dict) -> Optional[float]:
     return sum(r["moe_experts_per_token"] for r in recs) / len(recs)  # log intervals have equal length
 
 
+TRAIN_CURVE_KEYS = ("inner_loss", "loss", "moe_experts_per_token", "moe_expert_compute", "moe_switch_changed_pct")
+
+
+def train_curve(parsed: dict) -> Dict[str, list]:
+    """The training log's curves kept in result.json (a run's folder may lose its log, its result may
+    not): per log line the update, and each of TRAIN_CURVE_KEYS the run logs (None where a line lacks it;
+    moe_expert_compute is cumulative, in token-expert assignments since update 0)."""
+    recs = [r for r in parsed["train"] if r.get("num_updates") is not None]
+    curve = {"updates": [r["num_updates"] for r in recs]}
+    for k in TRAIN_CURVE_KEYS:
+        if any(r.get(k) is not None for r in recs):
+            curve[k] = [r.get(k) for r in recs]
+    return curve
+
+
 def run_one(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, env: Dict[str, str],
             idx: int, total: int) -> dict:
     """One run's result: the earlier one when made with the same settings, else trained and evaluated
@@ -129,7 +144,7 @@ def run_one(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, 
     res = {
         "task": task, "gate": gate, "seed": seed, "updates": a.updates, "train_wall_s": wall,
         "valid_updates": xs, "valid_loss": ys, "final_valid_loss": ys[-1] if ys else None,
-        "experts_per_token": mean_experts_per_token(parsed),
+        "experts_per_token": mean_experts_per_token(parsed), "train_curve": train_curve(parsed),
     }
     t1 = time.time()
     res.update(evaluation.evaluate(a, task, gate, data, folder, env))

@@ -3,6 +3,7 @@
 moe_cross_entropy                 (language modelling)   = cross_entropy + MoE loss
 moe_label_smoothed_cross_entropy  (translation)          = label_smoothed_cross_entropy + MoE loss
 moe_masked_lm                     (RoBERTa)              = masked_lm + MoE loss
+moe_sentence_prediction           (RoBERTa on GLUE)      = sentence_prediction + MoE loss
 
 `loss` is what is optimised (task + MoE loss); `ppl` (and `nll_loss` where fairseq logs it) is
 always that of the task loss alone, per predicted token. cross_entropy and masked_lm derive them
@@ -19,6 +20,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 from fairseq.criterions.masked_lm import MaskedLmConfig, MaskedLmLoss
+from fairseq.criterions.sentence_prediction import SentencePredictionConfig, SentencePredictionCriterion
 
 from .moe_loss import MoELossMixin, MoELossOptions, reduce_loss_and_ppl, reduce_moe_metrics
 
@@ -85,3 +87,24 @@ class MoEMaskedLmLoss(MoELossMixin, MaskedLmLoss):
         # MaskedLmLoss.reduce_metrics, with ppl from the task loss per masked token (= sample_size)
         reduce_moe_metrics(logging_outputs)
         reduce_loss_and_ppl(logging_outputs, "sample_size")
+
+
+@dataclass
+class MoESentencePredictionConfig(SentencePredictionConfig, MoELossOptions):
+    pass
+
+
+@register_criterion("moe_sentence_prediction", dataclass=MoESentencePredictionConfig)
+class MoESentencePredictionCriterion(MoELossMixin, SentencePredictionCriterion):
+    """Fine-tuning on GLUE-style tasks (classification, or regression with --regression-target):
+    sentence_prediction's loss per sentence, plus the balance loss of the encoder's MoE layers."""
+
+    def __init__(self, cfg: MoESentencePredictionConfig, task):
+        super().__init__(cfg, task)
+        self.init_moe_loss(cfg.moe_gate_loss_wt, cfg.moe_gate_loss_combine_method, cfg.moe_z_loss_wt, cfg.moe_log_expert_load)
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        # loss (task + MoE loss while training, per sentence) and accuracy as sentence_prediction logs them
+        reduce_moe_metrics(logging_outputs)
+        SentencePredictionCriterion.reduce_metrics(logging_outputs)

@@ -95,7 +95,9 @@ class EvoMoESchedule:
         if hard is None:
             hard = t_div + anneal  # default: top-1 as soon as the temperature reaches tau_min
         schedule = cls(t_div, anneal, hard, args.dts_tau_max, args.dts_tau_min, args.dts_tau_schedule)
-        schedule.validate(max_update, allow_hard_start=getattr(args, "dts_allow_hard_start", False))
+        # fine-tuning a spawned checkpoint (models/model_checks.py): the schedule is past the spawn for good
+        spawned = getattr(args, "evomoe_restores_spawned_experts", False)
+        schedule.validate(0 if spawned else max_update, allow_hard_start=getattr(args, "dts_allow_hard_start", False))
         return schedule
 
     def validate(self, max_update: int = 0, allow_hard_start: bool = False) -> None:

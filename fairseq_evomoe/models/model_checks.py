@@ -2,6 +2,10 @@
 
 import argparse
 import logging
+import os
+from typing import Optional
+
+import torch
 
 from ..evomoe.options import validate_spawn_options
 from ..evomoe.schedule import resolve_updates
@@ -24,6 +28,13 @@ def check_model_against_task(args, task) -> None:
     validate_spawn_options(args)
     check_expert_parallel_options(args)
     diversify = resolve_updates(args.evomoe_diversify_updates, getattr(args, "max_update", 0) or 0, "--evomoe-diversify-updates")
+    if diversify > 0 and not getattr(args, "moe_rerun_schedules", False):
+        restored = restored_checkpoint(args)
+        if restored is not None and experts_spawned_in(restored):
+            # fine-tuning a model whose experts exist already: the diversify phase is over for good,
+            # whatever the task and --max-update (the phase schedule is in the checkpoint)
+            args.evomoe_restores_spawned_experts = True
+            return
     if diversify > 0 and not getattr(task, "drives_evomoe_phases", False):
         # generation and evaluation load EvoMoE checkpoints with plain tasks, so this is no error
         logging.getLogger(__name__).warning(
@@ -36,6 +47,33 @@ def check_model_against_task(args, task) -> None:
         raise ValueError(
             f"--evomoe-diversify-updates ({diversify}) must be below --max-update ({max_update}): the experts would never be spawned"
         )
+
+
+def restored_checkpoint(args) -> Optional[str]:
+    """The checkpoint fairseq-train will load into the model, chosen as fairseq's
+    checkpoint_utils.load_checkpoint chooses it (--restore-file, else <save-dir>/checkpoint_last.pt,
+    else --finetune-from-model on a first launch), or None when none exists (or outside fairseq-train)."""
+    restore = getattr(args, "restore_file", None)
+    if restore is None:
+        return None
+    if restore != "checkpoint_last.pt":
+        return restore if os.path.isfile(restore) else None
+    last = os.path.join(getattr(args, "save_dir", None) or "checkpoints", restore)
+    if os.path.isfile(last):
+        return last
+    finetune = getattr(args, "finetune_from_model", None)
+    return finetune if finetune and os.path.isfile(finetune) else None
+
+
+def experts_spawned_in(path: str) -> bool:
+    """Whether every EvoMoE layer in the checkpoint at `path` has spawned its experts (its `spawned`
+    buffers); False for a checkpoint without EvoMoE layers or one that cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True)
+    except Exception:  # an unreadable file is fairseq's to report when it loads it
+        return False
+    flags = [v for k, v in (state.get("model") or {}).items() if k.endswith(".spawned")]
+    return bool(flags) and all(bool(f) for f in flags)
 
 
 def check_expert_parallel_options(args) -> None:

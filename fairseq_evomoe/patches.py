@@ -21,6 +21,12 @@ installs them:
    method fairseq calls on every rank before a save) and a `state_dict` post-hook, so checkpoints
    hold every expert's optimizer state, and each step first slices freshly loaded state to this
    worker's experts.
+4. fairseq's mixed-precision optimizers (moe/parallel/mixed_precision.py):
+   `FP16Optimizer.build_fp32_params` also copies the expert-parallel tags to the fp32 master copies
+   (fairseq copies only `expert`), so --fp16/--bf16 with --fp16-no-flatten-grads count every expert
+   once in the gradient norm and save complete optimizer state; `AMPOptimizer.clip_grad_norm` keeps
+   the norm and `AMPOptimizer.step` skips on every worker when it is not finite (torch's GradScaler
+   decides from each worker's own gradients).
 
 Not patches, but reaching past public APIs:
 
@@ -32,10 +38,12 @@ Not patches, but reaching past public APIs:
 """
 
 from fairseq import utils as fairseq_utils
+from fairseq.optim.amp_optimizer import AMPOptimizer
+from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .checkpoint_compat import allow_fairseq_checkpoints
-from .moe.parallel import grad_norm, optimizer_state
+from .moe.parallel import grad_norm, mixed_precision, optimizer_state
 
 
 def install_at_import() -> None:
@@ -43,8 +51,11 @@ def install_at_import() -> None:
 
 
 def install_for_expert_parallelism() -> None:
-    """Patches 2 and 3 (once per process)."""
+    """Patches 2, 3 and 4 (once per process)."""
     if getattr(fairseq_utils.clip_grad_norm_, "counts_experts", False):
         return
     fairseq_utils.clip_grad_norm_ = grad_norm.counting_experts(fairseq_utils.clip_grad_norm_)
     register_optimizer_step_pre_hook(optimizer_state.before_step)
+    _FP16OptimizerMixin.build_fp32_params = mixed_precision.copying_expert_tags(_FP16OptimizerMixin.build_fp32_params)
+    AMPOptimizer.clip_grad_norm = mixed_precision.remembering_grad_norm(AMPOptimizer.clip_grad_norm)
+    AMPOptimizer.step = mixed_precision.agreeing_on_overflow(AMPOptimizer.step)

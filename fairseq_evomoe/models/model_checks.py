@@ -89,6 +89,23 @@ def check_expert_parallel_options(args) -> None:
                 "(each worker draws its own layers to drop, and one that skips an MoE layer leaves the others "
                 "waiting in its all_to_all); use 0, or train on one worker"
             )
+    if getattr(args, "ddp_backend", None) == "fully_sharded":
+        raise ValueError(
+            f"--ddp-backend fully_sharded cannot be used with expert parallelism over {world[0]} workers: FSDP would "
+            "flatten and shard each worker's own experts as if they were replicated weights, and gather them "
+            "across workers that hold different experts; use --ddp-backend c10d (or legacy_ddp), with "
+            "--memory-efficient-fp16 to save memory (docs/distributed.md)"
+        )
+    half = "--bf16" if getattr(args, "bf16", False) else "--fp16" if getattr(args, "fp16", False) else None
+    memory_efficient = getattr(args, "memory_efficient_fp16", False) or getattr(args, "memory_efficient_bf16", False)
+    if half and not memory_efficient and not getattr(args, "amp", False) and not getattr(args, "fp16_no_flatten_grads", False):
+        raise ValueError(
+            f"{half} with expert parallelism over {world[0]} workers needs --fp16-no-flatten-grads: fairseq's flat "
+            "fp32 master copy mixes each worker's own experts into one tensor, so the gradient norm would differ "
+            "between workers and checkpoints would lose the other workers' optimizer state; add "
+            "--fp16-no-flatten-grads (the same arithmetic, one fp32 copy per parameter) or use "
+            f"--memory-efficient-{half[2:]}"
+        )
     optimizer = getattr(args, "optimizer", None)
     name = optimizer if isinstance(optimizer, str) or optimizer is None else getattr(optimizer, "_name", None)
     if name == "adafactor":

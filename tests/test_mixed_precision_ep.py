@@ -1,0 +1,145 @@
+"""Mixed precision under expert parallelism (gloo, CPU, 2 spawned workers), at the optimizer level
+where fairseq does not allow the mode on CPU (its flat FP16Optimizer and its GradScaler need CUDA):
+
+- --fp16/--bf16 with --fp16-no-flatten-grads: the fp32 master copies count every expert once in
+  the gradient norm (equal on every worker to one process's), an overflow in one worker's expert
+  makes the norm non-finite on every worker, and the masters' optimizer state is saved complete;
+- --amp: an overflow in one worker's expert makes every worker skip the step and back off its loss
+  scale alike; a finite step keeps the dense weights identical;
+- the modes that cannot be made right are refused before training, naming the flag."""
+
+import argparse
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from test_expert_parallel import _as_after_fairseq_all_reduce, _layer_pair, _spawn, _tokens
+
+pytestmark = pytest.mark.slow  # spawns worker processes
+
+
+def _grads(rank, world):
+    ref, layer, par = _layer_pair("top1", 4, world, rank)
+    xs, gs = _tokens([23, 17], 8, 7)
+    (ref.forward_tokens(torch.cat(xs), None) * torch.cat(gs)).sum().backward()
+    (layer.forward_tokens(xs[rank], None) * gs[rank]).sum().backward()
+    mine, full = _as_after_fairseq_all_reduce(layer, ref, world)
+    return layer, par, mine, full
+
+
+def _check_fp16_masters(rank, world):
+    from fairseq import utils
+    from fairseq.optim.fp16_optimizer import FP16Optimizer
+
+    from fairseq_evomoe import patches
+
+    patches.install_for_expert_parallelism()
+    layer, par, mine, full = _grads(rank, world)
+    want = utils.clip_grad_norm_(full, 0.0)  # one process, every expert counted
+    masters = FP16Optimizer.build_fp32_params(None, mine, flatten=False)
+    for p, p32 in zip(mine, masters):
+        p32.grad.copy_(p.grad)
+    torch.testing.assert_close(utils.clip_grad_norm_(masters, 0.0), want, atol=1e-5, rtol=1e-5)
+
+    # the masters' optimizer state is saved complete (rank 0 holds every expert's moments)
+    opt_full, opt_mine = torch.optim.Adam(full, lr=0.01), torch.optim.Adam(masters, lr=0.01)
+    opt_full.step()
+    opt_mine.step()
+    opt_mine.consolidate_state_dict()
+    if rank == 0:
+        saved, expected = opt_mine.state_dict(), opt_full.state_dict()
+        for i in expected["state"]:
+            for k, v in expected["state"][i].items():
+                torch.testing.assert_close(saved["state"][i][k], v, atol=1e-6, rtol=1e-4, msg=f"param {i} {k}")
+
+    # an overflow in rank 1's expert: the norm is non-finite on every worker
+    expert_master = next(p32 for p, p32 in zip(mine, masters) if getattr(p, "expert", False))
+    if rank == 1:
+        expert_master.grad.view(-1)[0] = math.inf
+    norms = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(norms, utils.clip_grad_norm_(masters, 0.0).reshape(()))
+    assert all(not torch.isfinite(n) for n in norms), norms
+
+
+class _Adam:
+    """A FairseqOptimizer over torch's Adam (built lazily: fairseq imports are heavy)."""
+
+    @staticmethod
+    def build(params):
+        from fairseq.optim import FairseqOptimizer
+
+        class Adam(FairseqOptimizer):
+            def __init__(self, params):
+                super().__init__(None)
+                self._optimizer = torch.optim.Adam(params, lr=0.01)
+
+        return Adam(params)
+
+
+def _check_amp_skip(rank, world):
+    from fairseq.optim.amp_optimizer import AMPOptimizer
+
+    from fairseq_evomoe import patches
+
+    patches.install_for_expert_parallelism()
+    layer, par, mine, full = _grads(rank, world)
+    cfg = argparse.Namespace(optimizer=None, common=argparse.Namespace(fp16_init_scale=4.0, amp_scale_window=None,
+                                                                          min_loss_scale=1e-4))
+    opt = AMPOptimizer(cfg, mine, _Adam.build(mine))
+    opt._grad_scaler = torch.amp.GradScaler("cpu", init_scale=4.0)  # fairseq's is CUDA's (disabled on CPU)
+    grads = [p.grad.clone() for p in mine]
+
+    def scaled(overflow_on):  # the gradients a scaled loss's backward leaves
+        opt.scaler.scale(torch.ones(()))
+        for p, g in zip(mine, grads):
+            p.grad = g * opt.scaler.get_scale()
+        if rank == overflow_on:
+            next(p for p in mine if getattr(p, "expert", False)).grad.view(-1)[0] = math.inf
+
+    before = [p.detach().clone() for p in mine]
+    scaled(overflow_on=1)
+    gnorm = opt.clip_grad_norm(0.0)
+    assert not torch.isfinite(gnorm)
+    opt.step()
+    for p, b in zip(mine, before):  # every worker skipped, rank 0 too (its own gradients were finite)
+        assert torch.equal(p.detach(), b)
+    assert opt.scaler.get_scale() == 2.0  # backed off alike
+
+    scaled(overflow_on=None)
+    assert torch.isfinite(opt.clip_grad_norm(0.0))
+    opt.step()
+    assert opt.scaler.get_scale() == 2.0
+    dense = torch.cat([p.detach().view(-1) for p in layer.gate.parameters()])
+    assert not torch.equal(dense, torch.cat([b.view(-1) for p, b in zip(mine, before) if not getattr(p, "expert", False)]))
+    gathered = [torch.zeros_like(dense) for _ in range(world)]
+    dist.all_gather(gathered, dense)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "dense weights differ between workers"
+
+
+def test_fp16_master_copies_count_every_expert_once_and_save_complete_state():
+    _spawn(2, [("fp16 masters", _check_fp16_masters)])
+
+
+def test_amp_overflow_in_one_workers_expert_is_skipped_by_every_worker():
+    _spawn(2, [("amp skip", _check_amp_skip)])
+
+
+def _check_refusals(rank, world):
+    from fairseq_evomoe.models.model_checks import check_expert_parallel_options
+
+    base = dict(moe_freq=2, encoder_layerdrop=0, decoder_layerdrop=0, optimizer="adam")
+    with pytest.raises(ValueError, match=r"--ddp-backend fully_sharded cannot be used with expert parallelism over 2 workers.*c10d"):
+        check_expert_parallel_options(argparse.Namespace(**base, ddp_backend="fully_sharded"))
+    for half in ("fp16", "bf16"):
+        with pytest.raises(ValueError, match=rf"--{half} with expert parallelism over 2 workers needs --fp16-no-flatten-grads.*--memory-efficient-{half}"):
+            check_expert_parallel_options(argparse.Namespace(**base, **{half: True}))
+    for ok in (dict(fp16=True, fp16_no_flatten_grads=True), dict(fp16=True, memory_efficient_fp16=True),
+               dict(fp16=True, amp=True), dict(bf16=True, memory_efficient_bf16=True), dict(ddp_backend="c10d")):
+        check_expert_parallel_options(argparse.Namespace(**base, **ok))
+
+
+def test_modes_that_cannot_work_are_refused_naming_the_flag():
+    _spawn(2, [("refusals", _check_refusals)])

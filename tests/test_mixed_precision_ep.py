@@ -143,3 +143,63 @@ def _check_refusals(rank, world):
 
 def test_modes_that_cannot_work_are_refused_naming_the_flag():
     _spawn(2, [("refusals", _check_refusals)])
+
+
+# ------------------------------------------------------------------------------------------
+# the real fairseq-train: --fp16 --fp16-no-flatten-grads on 2 gloo workers vs 1 process
+# ------------------------------------------------------------------------------------------
+
+
+def _checked_torchrun(*args, timeout=300):
+    """fairseq-train on 2 workers with fairseq's gradient-norm consistency check on (checked_train.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_expert_parallel import REPO, _free_port
+
+    script = Path(__file__).with_name("checked_train.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{log[-6000:]}"
+    assert log.count("gradient-norm consistency check on") == 2, log[-3000:]
+    return log
+
+
+def test_cli_fp16_two_workers_agree_match_one_process_and_resume_without_reset(mt_data, tmp_path):
+    from conftest import run_cli
+    from test_expert_parallel import TRAIN_ARGS, _curve, _optimizer_state
+
+    fp16 = ["--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "16", "--max-update", "4"]
+    dist_args = ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+    two, one = tmp_path / "w2", tmp_path / "w1"
+    log2 = _checked_torchrun(mt_data, *TRAIN_ARGS, *fp16, *dist_args, "--save-dir", two)
+    p1 = run_cli("fairseq-train", mt_data, *TRAIN_ARGS, *fp16, "--update-freq", "2", "--save-dir", one)
+    loss2, gnorm2, _ = _curve(log2)
+    loss1, gnorm1, _ = _curve(p1.stdout + p1.stderr)
+    assert len(loss1) == 4 and loss2[:4] == pytest.approx(loss1, abs=1e-2), (loss2, loss1)
+    # every worker's norm passed fairseq's consistency check; they equal one process's (fp16 rounding)
+    assert gnorm2[:4] == pytest.approx(gnorm1, rel=2e-2), (gnorm2, gnorm1)
+
+    # the checkpoint holds the fp32 masters' Adam moments of every expert, as one process has them
+    (o2, n2), (o1, n1) = _optimizer_state(two / "checkpoint_last.pt"), _optimizer_state(one / "checkpoint_last.pt")
+    assert n2 == n1 == 4 and o2.keys() == o1.keys()
+    for i in o1:
+        assert o2[i]["exp_avg"].shape == o1[i]["exp_avg"].shape, i
+
+    # ... so the run resumes without --reset-optimizer, on 1 process or 2 workers, like the 1-process run
+    more = ["--max-update", "6", "--reset-dataloader"]
+    r1 = run_cli("fairseq-train", mt_data, *TRAIN_ARGS, *fp16, "--update-freq", "2", "--save-dir", tmp_path / "r1",
+                 "--restore-file", one / "checkpoint_last.pt", *more)
+    r21 = run_cli("fairseq-train", mt_data, *TRAIN_ARGS, *fp16, "--update-freq", "2", "--save-dir", tmp_path / "r21",
+                  "--restore-file", two / "checkpoint_last.pt", *more)
+    r22 = _checked_torchrun(mt_data, *TRAIN_ARGS, *fp16, *dist_args, "--save-dir", tmp_path / "r22",
+                            "--restore-file", two / "checkpoint_last.pt", *more)
+    want = _curve(r1.stdout + r1.stderr)[0]
+    assert len(want) == 2
+    for name, log in (("2 workers -> 1 process", r21.stdout + r21.stderr), ("2 workers -> 2 workers", r22)):
+        assert _curve(log)[0] == pytest.approx(want, abs=1e-2), (name, _curve(log)[0], want)

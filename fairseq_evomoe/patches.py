@@ -23,7 +23,7 @@ installs them:
    worker's experts.
 4. fairseq's mixed-precision optimizers (moe/parallel/mixed_precision.py):
    `FP16Optimizer.build_fp32_params` also copies the expert-parallel tags to the fp32 master copies
-   (fairseq copies only `expert`), so --fp16/--bf16 with --fp16-no-flatten-grads count every expert
+   (fairseq copies only `expert`), so --bf16 and --fp16 --fp16-no-flatten-grads count every expert
    once in the gradient norm and save complete optimizer state; `AMPOptimizer.clip_grad_norm` keeps
    the norm and `AMPOptimizer.step` skips on every worker when it is not finite (torch's GradScaler
    decides from each worker's own gradients).

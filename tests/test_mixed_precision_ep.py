@@ -6,7 +6,7 @@ where fairseq does not allow the mode on CPU (its flat FP16Optimizer and its Gra
   makes the norm non-finite on every worker, and the masters' optimizer state is saved complete;
 - --amp: an overflow in one worker's expert makes every worker skip the step and back off its loss
   scale alike; a finite step keeps the dense weights identical;
-- the modes that cannot be made right are refused before training, naming the flag."""
+- the modes that cannot be made right (flat --fp16, FSDP) are refused before training, naming the flag."""
 
 import argparse
 import copy
@@ -133,11 +133,12 @@ def _check_refusals(rank, world):
     base = dict(moe_freq=2, encoder_layerdrop=0, decoder_layerdrop=0, optimizer="adam")
     with pytest.raises(ValueError, match=r"--ddp-backend fully_sharded cannot be used with expert parallelism over 2 workers.*c10d"):
         check_expert_parallel_options(argparse.Namespace(**base, ddp_backend="fully_sharded"))
-    for half in ("fp16", "bf16"):
-        with pytest.raises(ValueError, match=rf"--{half} with expert parallelism over 2 workers needs --fp16-no-flatten-grads.*--memory-efficient-{half}"):
-            check_expert_parallel_options(argparse.Namespace(**base, **{half: True}))
+    with pytest.raises(ValueError, match=r"--fp16 with expert parallelism over 2 workers needs --fp16-no-flatten-grads.*--memory-efficient-fp16"):
+        check_expert_parallel_options(argparse.Namespace(**base, fp16=True))
+    # fairseq never flattens under --bf16 (it sets fp16 too)
     for ok in (dict(fp16=True, fp16_no_flatten_grads=True), dict(fp16=True, memory_efficient_fp16=True),
-               dict(fp16=True, amp=True), dict(bf16=True, memory_efficient_bf16=True), dict(ddp_backend="c10d")):
+               dict(fp16=True, amp=True), dict(fp16=True, bf16=True), dict(bf16=True, memory_efficient_bf16=True),
+               dict(ddp_backend="c10d")):
         check_expert_parallel_options(argparse.Namespace(**base, **ok))
 
 
@@ -203,3 +204,15 @@ def test_cli_fp16_two_workers_agree_match_one_process_and_resume_without_reset(m
     assert len(want) == 2
     for name, log in (("2 workers -> 1 process", r21.stdout + r21.stderr), ("2 workers -> 2 workers", r22)):
         assert _curve(log)[0] == pytest.approx(want, abs=1e-2), (name, _curve(log)[0], want)
+
+
+def test_cli_memory_efficient_fp16_two_workers_agree_and_match_one_process(mt_data, tmp_path):
+    from conftest import run_cli
+    from test_expert_parallel import TRAIN_ARGS, _curve
+
+    mefp16 = ["--memory-efficient-fp16", "--fp16-init-scale", "16", "--max-update", "3", "--no-save"]
+    log2 = _checked_torchrun(mt_data, *TRAIN_ARGS, *mefp16, "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp")
+    p1 = run_cli("fairseq-train", mt_data, *TRAIN_ARGS, *mefp16, "--update-freq", "2")
+    (loss2, gnorm2, _), (loss1, gnorm1, _) = _curve(log2), _curve(p1.stdout + p1.stderr)
+    assert len(gnorm1) == 3 and gnorm2[:3] == pytest.approx(gnorm1, rel=2e-2), (gnorm2, gnorm1)
+    assert loss2[:3] == pytest.approx(loss1, abs=1e-2)

@@ -96,15 +96,15 @@ def check_expert_parallel_options(args) -> None:
             "across workers that hold different experts; use --ddp-backend c10d (or legacy_ddp), with "
             "--memory-efficient-fp16 to save memory (docs/distributed.md)"
         )
-    half = "--bf16" if getattr(args, "bf16", False) else "--fp16" if getattr(args, "fp16", False) else None
-    memory_efficient = getattr(args, "memory_efficient_fp16", False) or getattr(args, "memory_efficient_bf16", False)
-    if half and not memory_efficient and not getattr(args, "amp", False) and not getattr(args, "fp16_no_flatten_grads", False):
+    flat_fp16 = (getattr(args, "fp16", False) and not getattr(args, "bf16", False)  # --bf16 is never flat
+                 and not getattr(args, "memory_efficient_fp16", False) and not getattr(args, "amp", False)
+                 and not getattr(args, "fp16_no_flatten_grads", False))
+    if flat_fp16:
         raise ValueError(
-            f"{half} with expert parallelism over {world[0]} workers needs --fp16-no-flatten-grads: fairseq's flat "
+            f"--fp16 with expert parallelism over {world[0]} workers needs --fp16-no-flatten-grads: fairseq's flat "
             "fp32 master copy mixes each worker's own experts into one tensor, so the gradient norm would differ "
             "between workers and checkpoints would lose the other workers' optimizer state; add "
-            "--fp16-no-flatten-grads (the same arithmetic, one fp32 copy per parameter) or use "
-            f"--memory-efficient-{half[2:]}"
+            "--fp16-no-flatten-grads (the same arithmetic, one fp32 copy per parameter) or use --memory-efficient-fp16"
         )
     optimizer = getattr(args, "optimizer", None)
     name = optimizer if isinstance(optimizer, str) or optimizer is None else getattr(optimizer, "_name", None)

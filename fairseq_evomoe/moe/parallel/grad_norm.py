@@ -15,10 +15,9 @@ which is the norm one process computes over the same model. fairseq 0.12 has no 
 is first set up; the wrapper hands everything to fairseq's own function and only adds the expert
 term when such parameters have gradients. One process never installs it.
 
-Not covered: under --fp16/--bf16 fairseq's FP16Optimizer takes the norm over fp32 master copies,
-which do not carry `expert_grad_copies`. With its flat master copy (the default) each worker's norm
-then includes its own experts' gradients as dense ones; with --fp16-no-flatten-grads fairseq copies
-the `expert` tag and leaves the experts out of the norm (docs/distributed.md).
+Under --bf16 and --fp16 --fp16-no-flatten-grads the norm is taken over fairseq's fp32 master copies,
+which carry the same tags (moe/parallel/mixed_precision.py); plain --fp16 (one flat master copy per
+worker) is refused under expert parallelism.
 """
 
 from typing import Optional

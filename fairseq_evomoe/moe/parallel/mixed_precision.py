@@ -1,12 +1,12 @@
 """fairseq's mixed-precision optimizers under expert parallelism (installed by fairseq_evomoe/patches.py).
 
---fp16 / --bf16 with --fp16-no-flatten-grads (FP16Optimizer): the optimizer steps fp32 master copies
+--bf16, and --fp16 with --fp16-no-flatten-grads (FP16Optimizer): the optimizer steps fp32 master copies
 of the parameters. fairseq copies a parameter's `expert` tag to its master but not what expert
 parallelism needs, so the gradient norm would leave the experts out and checkpoints would hold each
 worker's own experts only. `copying_expert_tags` copies `expert_grad_copies` (grad_norm.py) and
 `expert_parallel` (optimizer_state.py) to the masters as well: the norm counts every expert once and
 the saved optimizer state is complete. With fairseq's flat master copy (the default) the experts are
-mixed into one tensor per worker; that mode is refused before training (models/model_checks.py).
+mixed into one tensor per worker; plain --fp16 is refused before training (models/model_checks.py).
 
 --amp (AMPOptimizer): torch's GradScaler skips a step when the gradients it unscaled hold an inf or a
 NaN, which each worker decides from its own gradients, its own experts' included: one worker could

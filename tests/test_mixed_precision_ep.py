@@ -1,9 +1,10 @@
 """Mixed precision under expert parallelism (gloo, CPU, 2 spawned workers), at the optimizer level
 where fairseq does not allow the mode on CPU (its flat FP16Optimizer and its GradScaler need CUDA):
 
-- --fp16/--bf16 with --fp16-no-flatten-grads: the fp32 master copies count every expert once in
-  the gradient norm (equal on every worker to one process's), an overflow in one worker's expert
-  makes the norm non-finite on every worker, and the masters' optimizer state is saved complete;
+- --bf16 and --fp16 --fp16-no-flatten-grads: the fp32 master copies count every expert once in the
+  gradient norm (equal on every worker to one process's), the masters' optimizer state is saved
+  complete, and with fairseq's FP16Optimizer an overflow in one worker's expert is an overflow on
+  every worker (all skip and halve the loss scale); a finite step keeps the dense weights identical;
 - --amp: an overflow in one worker's expert makes every worker skip the step and back off its loss
   scale alike; a finite step keeps the dense weights identical;
 - the modes that cannot be made right (flat --fp16, FSDP) are refused before training, naming the flag."""
@@ -55,13 +56,34 @@ def _check_fp16_masters(rank, world):
             for k, v in expected["state"][i].items():
                 torch.testing.assert_close(saved["state"][i][k], v, atol=1e-6, rtol=1e-4, msg=f"param {i} {k}")
 
-    # an overflow in rank 1's expert: the norm is non-finite on every worker
-    expert_master = next(p32 for p, p32 in zip(mine, masters) if getattr(p, "expert", False))
+    # fairseq's FP16Optimizer over these masters: an overflow in rank 1's expert is an overflow on
+    # every worker (the norm, all-reduced, is inf everywhere), so all skip and lower the loss scale
+    from fairseq.optim.fp16_optimizer import FP16Optimizer as FP16
+
+    cfg = argparse.Namespace(optimizer=None, common=argparse.Namespace(
+        fp16_scale_window=128, fp16_init_scale=16.0, fp16_scale_tolerance=0.0, threshold_loss_scale=None,
+        min_loss_scale=1e-4, bf16=False))
+    masters = FP16.build_fp32_params(None, mine, flatten=False)
+    opt = FP16(cfg, mine, _Adam.build(masters), masters)
+    grads = [p.grad.clone() for p in mine]
+    before = [p.detach().clone() for p in mine]
     if rank == 1:
-        expert_master.grad.view(-1)[0] = math.inf
-    norms = [torch.zeros(()) for _ in range(world)]
-    dist.all_gather(norms, utils.clip_grad_norm_(masters, 0.0).reshape(()))
-    assert all(not torch.isfinite(n) for n in norms), norms
+        next(p for p in mine if getattr(p, "expert", False)).grad.view(-1)[0] = math.inf
+    opt._needs_sync = True  # as its backward() leaves it
+    with pytest.raises(OverflowError):
+        opt.clip_grad_norm(0.0)
+    opt.zero_grad()
+    assert opt.scaler.loss_scale == 8.0  # halved on every worker
+    for p, g in zip(mine, grads):
+        p.grad = g * opt.scaler.loss_scale  # as a backward of the scaled loss leaves them
+    opt._needs_sync = True
+    torch.testing.assert_close(opt.clip_grad_norm(0.0), want, atol=1e-4, rtol=1e-5)  # unscaled: one process's
+    opt.step()
+    dense = torch.cat([p.detach().view(-1) for p in mine if not getattr(p, "expert", False)])
+    assert not torch.equal(dense, torch.cat([b.view(-1) for p, b in zip(mine, before) if not getattr(p, "expert", False)]))
+    gathered = [torch.zeros_like(dense) for _ in range(world)]
+    dist.all_gather(gathered, dense)
+    assert all(torch.equal(g, gathered[0]) for g in gathered), "dense weights differ between workers"
 
 
 class _Adam:

@@ -1,5 +1,6 @@
-"""Mixed precision under expert parallelism (gloo, CPU, 2 spawned workers), at the optimizer level
-where fairseq does not allow the mode on CPU (its flat FP16Optimizer and its GradScaler need CUDA):
+"""Mixed precision under expert parallelism (gloo, CPU, 2 workers): through the real fairseq-train for
+--fp16 --fp16-no-flatten-grads and --memory-efficient-fp16 (with fairseq's gradient-norm consistency
+check switched on), and at the optimizer level where fairseq does not run the mode on CPU:
 
 - --bf16 and --fp16 --fp16-no-flatten-grads: the fp32 master copies count every expert once in the
   gradient norm (equal on every worker to one process's), the masters' optimizer state is saved
@@ -10,7 +11,6 @@ where fairseq does not allow the mode on CPU (its flat FP16Optimizer and its Gra
 - the modes that cannot be made right (flat --fp16, FSDP) are refused before training, naming the flag."""
 
 import argparse
-import copy
 import math
 
 import pytest

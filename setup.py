@@ -22,6 +22,10 @@ setup(
         "sacrebleu>=2.0",
         "sentencepiece",
         "matplotlib",
+        # GLUE metrics (scripts/glue_eval.py: F1, Matthews, Pearson/Spearman); fairseq-fixed brings
+        # them already, fairseq 0.12.2 does not
+        "scikit-learn",
+        "scipy",
     ],
     extras_require={"test": ["pytest>=7"]},
 )

@@ -144,6 +144,10 @@ def test_compare_gates_minimal(comparison):
     assert sw["experts_per_token"] == pytest.approx(1.0)
     assert evo["experts_per_token"] > 1.0  # the dense-to-sparse phase routes tokens to several experts
     assert (work / "results_plots" / "lm" / "routing.png").stat().st_size > 10_000
+    assert (work / "results_plots" / "lm" / "around_switch.png").stat().st_size > 10_000
+    assert "expert compute there, x Switch's total" in report and "the target" in report
+    compute = [c for c in evo["train_curve"]["moe_expert_compute"] if c is not None]
+    assert compute and compute == sorted(compute) and compute[-1] > sw["train_curve"]["moe_expert_compute"][-1]
     # a second call finds the finished runs and does not train again
     again = sh("compare_gates.py", "--tasks", "lm", "--gates", "switch,evomoe", "--seeds", "1", "--updates", 12,
                "--train-lines", 300, "--eval-lines", 40, "--spm-vocab", 500, "--max-tokens", 512,

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from plot_routing import make_plots, parse_log
+from plot_routing import _plt, make_plots, parse_log
 
+from .efficiency import per_seed_costs, updates_to_reach, verdict
 from .flags import SIZES, stablemoe_stage2_update, validation_interval, warmup_updates
 from .run_store import run_dir
 
@@ -25,19 +26,6 @@ def mean_std(values: list, fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
-def updates_to_reach(xs: list, ys: list, target: float) -> Optional[float]:
-    """First update at which the validation loss reaches `target` (linear interpolation)."""
-    prev = None
-    for x, y in zip(xs, ys):
-        if y <= target:
-            if prev is None or prev[1] == y:
-                return x
-            (x0, y0) = prev
-            return x0 + (x - x0) * (y0 - target) / (y0 - y)
-        prev = (x, y)
-    return None
-
-
 def summary_lines(rows: List[dict], gates: List[str], mkey: str, higher_is_better: bool) -> List[str]:
     """Plain-language reading of one task's table: the ranking, and EvoMoE against Switch."""
     means = {}
@@ -49,14 +37,16 @@ def summary_lines(rows: List[dict], gates: List[str], mkey: str, higher_is_bette
         return []
     ranked = sorted(means, key=lambda g: means[g][0], reverse=higher_is_better)
     out = ["", "Ranking by the mean over seeds (best first): " + ", ".join(f"{g} {means[g][0]:.2f}" for g in ranked) + "."]
-    if "evomoe" in means and "switch" in means:
-        (e, es, n), (w, ws, _) = means["evomoe"], means["switch"]
+    for evo in [g for g in gates if g.startswith("evomoe") and g in means]:
+        if "switch" not in means:
+            break
+        (e, es, n), (w, ws, _) = means[evo], means["switch"]
         better = (e > w) if higher_is_better else (e < w)
         spread = max(es, ws)
-        verdict = "within the seed-to-seed spread" if abs(e - w) <= spread else ("better" if better else "worse")
+        reading = "within the seed-to-seed spread" if abs(e - w) <= spread else ("better" if better else "worse")
         out.append(
-            f"EvoMoE vs Switch: {e:.2f} vs {w:.2f} ({'better' if better else 'worse'} by {abs(e - w):.2f}; "
-            f"largest seed std {spread:.2f}: {verdict}), over {n} seed(s)."
+            f"{evo} vs Switch: {e:.2f} vs {w:.2f} ({'better' if better else 'worse'} by {abs(e - w):.2f}; "
+            f"largest seed std {spread:.2f}: {reading}), over {n} seed(s)."
         )
     return out
 
@@ -89,7 +79,9 @@ def setting_lines(a: argparse.Namespace, cmdline: str) -> List[str]:
         "at most 1.5 x source + 10 subwords), detokenised sacrebleu.",
         f"- Intermediate validations every {validation_interval(a)} updates on the first "
         f"{a.max_valid_steps} valid batches; \"updates to Switch's loss\" interpolates them (per seed, against "
-        "that seed's Switch run's final validation loss; `–` = not reached).",
+        "that seed's Switch run's final validation loss; `–` = not reached). \"x Switch's updates\" divides that "
+        "by Switch's updates; \"expert compute there\" is the run's cumulative `moe_expert_compute` (kept "
+        "token-expert assignments over all MoE layers) at that update, over the Switch run's total.",
         "- Gate settings: `configs/gate/<gate>.yaml` (identical to the Hydra configs). EvoMoE: spawn mode "
         f"`{a.spawn_mode}`, temperature schedule `{a.tau_schedule}` 2.0 -> 0.5, expert-diversify for the first 10% "
         "of the updates, annealing over the next 50%, top-1 from 60% on (fractions of --max-update). "
@@ -112,12 +104,30 @@ def reach_cell(g: List[dict], switch: Dict[int, dict]) -> str:
         mean_std(reached, "{:.0f}") + (f" ({len(reached)}/{len(reach)} seeds)" if len(reached) != len(reach) else ""))
 
 
+def cost_cells(rows: List[dict], gate: str) -> List[str]:
+    """Updates and expert compute to reach Switch's final valid loss, as multiples of Switch's run."""
+    costs = per_seed_costs(rows, gate)
+    reached = [c for c in costs if c is not None]
+    note = f" ({len(reached)}/{len(costs)} seeds)" if costs and len(reached) != len(costs) else ""
+    return [mean_std([c["updates"] for c in reached]) + (note if reached else ""),
+            mean_std([c["compute"] for c in reached])]
+
+
+def compute_cell(g: List[dict]) -> str:
+    """Total expert compute of the runs (token-expert assignments, millions)."""
+    totals = [r["train_curve"]["moe_expert_compute"][-1] / 1e6 for r in g
+              if (r.get("train_curve") or {}).get("moe_expert_compute")]
+    return mean_std(totals)
+
+
 def table_lines(a: argparse.Namespace, task: str, rows: List[dict]) -> List[str]:
     """One task's section: heading, the table of every gate with results, and the summary."""
     metric, mkey = ("validation perplexity ↓", "ppl") if task == "lm" else ("test BLEU ↑", "bleu")
     lines = [f"## {'Language modelling (WikiText-2)' if task == 'lm' else 'Translation (Multi30k De->En)'}", "",
-             f"| gate | {metric} | final valid loss | updates to Switch's final valid loss | train wall-clock (s) | mean experts / token |",
-             "|---|---|---|---|---|---|"]
+             f"| gate | {metric} | final valid loss | updates to Switch's final valid loss | the same, x Switch's "
+             "updates | expert compute there, x Switch's total | expert compute, whole run (M) | train wall-clock (s) "
+             "| mean experts / token |",
+             "|---|---|---|---|---|---|---|---|---|"]
     switch = {r["seed"]: r for r in rows if r["gate"] == "switch"}
     for gate in a.gates:
         g = [r for r in rows if r["gate"] == gate]
@@ -125,12 +135,14 @@ def table_lines(a: argparse.Namespace, task: str, rows: List[dict]) -> List[str]
             continue
         lines.append(
             f"| {gate} | {mean_std([r[mkey] for r in g])} | {mean_std([r['final_valid_loss'] for r in g], '{:.3f}')} | "
-            f"{reach_cell(g, switch)} | "
+            f"{reach_cell(g, switch)} | {' | '.join(cost_cells(rows, gate))} | {compute_cell(g)} | "
             f"{mean_std([r['train_wall_s'] for r in g], '{:.0f}')} | {mean_std([r['experts_per_token'] for r in g])} |")
-    return lines + summary_lines(rows, a.gates, mkey, higher_is_better=(task == "mt")) + [""]
+    lines += summary_lines(rows, a.gates, mkey, higher_is_better=(task == "mt"))
+    verdicts = [v for v in (verdict(rows, g) for g in a.gates if g.startswith("evomoe")) if v]
+    return lines + ([""] + [f"- {v}" for v in verdicts] if verdicts else []) + [""]
 
 
-def plot_lines(a: argparse.Namespace, task: str, plot_dir: Path, res_path: Path) -> List[str]:
+def plot_lines(a: argparse.Namespace, task: str, rows: List[dict], plot_dir: Path, res_path: Path) -> List[str]:
     """Plots of the first seed of every gate that has a training log, as image links relative to the report."""
     first = a.seeds[0]
     runs = {}
@@ -141,9 +153,49 @@ def plot_lines(a: argparse.Namespace, task: str, plot_dir: Path, res_path: Path)
     if not runs:
         return []
     lines = [f"Plots (seed {first}):", ""]
-    for f in make_plots(runs, plot_dir / task):
+    files = list(make_plots(runs, plot_dir / task))
+    around = plot_around_switch(rows, a.gates, a.updates, plot_dir / task / "around_switch.png")
+    for f in files + ([around] if around else []):
         lines.append(f"![{Path(f).stem}]({os.path.relpath(f, res_path.parent)})")
     return lines + [""]
+
+
+def plot_around_switch(rows: List[dict], gates: List[str], updates: int, out: Path) -> Optional[Path]:
+    """Training loss (the task loss alone, every seed) and experts per token of the EvoMoE gates
+    around their hard switch at 60% of the updates, with Switch's loss for reference."""
+    hard = round(0.6 * updates)
+    lo, hi = hard - updates // 10, hard + updates // 10
+    shown = [g for g in gates if g.startswith("evomoe") or g == "switch"]
+    if not any(r["gate"].startswith("evomoe") and r.get("train_curve") for r in rows):
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(2, 1, figsize=(11.5, 6.5), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, gate in enumerate(shown):
+        for j, r in enumerate(sorted((r for r in rows if r["gate"] == gate), key=lambda r: r["seed"])):
+            c = r.get("train_curve") or {}
+            pts = [(x, y, k) for x, y, k in zip(c.get("updates", []), c.get("inner_loss", []),
+                                                  c.get("moe_experts_per_token", [None] * len(c.get("updates", []))))
+                   if lo <= x <= hi and y is not None]
+            if not pts:
+                continue
+            label = gate if j == 0 else None
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], color=colors[i % len(colors)], lw=1.2, alpha=0.8, label=label)
+            ks = [(p[0], p[2]) for p in pts if p[2] is not None]
+            axes[1].plot([k[0] for k in ks], [k[1] for k in ks], color=colors[i % len(colors)], lw=1.2, alpha=0.8, label=label)
+    for ax in axes:
+        ax.axvline(hard, color="k", ls="--", lw=1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    axes[0].set_ylabel("training loss (task)")
+    axes[0].set_title(f"Around the switch to top-1 at update {hard} (every seed)")
+    axes[1].set_ylabel("experts per token")
+    axes[1].set_xlabel("updates")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
 
 
 CLOSING = [
@@ -169,7 +221,7 @@ def write_report(a: argparse.Namespace, results: List[dict], cmdline: str) -> Pa
     for task in a.tasks:
         rows = [r for r in results if r["task"] == task]
         if rows:
-            lines += table_lines(a, task, rows) + plot_lines(a, task, plot_dir, res_path)
+            lines += table_lines(a, task, rows) + plot_lines(a, task, rows, plot_dir, res_path)
     lines += CLOSING
     res_path.parent.mkdir(parents=True, exist_ok=True)
     res_path.write_text("\n".join(lines))

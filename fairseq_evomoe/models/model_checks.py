@@ -28,22 +28,24 @@ def check_model_against_task(args, task) -> None:
     validate_spawn_options(args)
     check_expert_parallel_options(args)
     diversify = resolve_updates(args.evomoe_diversify_updates, getattr(args, "max_update", 0) or 0, "--evomoe-diversify-updates")
-    if diversify > 0 and not getattr(args, "moe_rerun_schedules", False):
+    max_update = getattr(args, "max_update", 0) or 0
+    never_spawned = diversify > 0 and max_update and diversify >= max_update
+    plain_task = diversify > 0 and not getattr(task, "drives_evomoe_phases", False)
+    if (never_spawned or plain_task) and not getattr(args, "moe_rerun_schedules", False):
         restored = restored_checkpoint(args)
         if restored is not None and experts_spawned_in(restored):
             # fine-tuning a model whose experts exist already: the diversify phase is over for good,
             # whatever the task and --max-update (the phase schedule is in the checkpoint)
             args.evomoe_restores_spawned_experts = True
             return
-    if diversify > 0 and not getattr(task, "drives_evomoe_phases", False):
+    if plain_task:
         # generation and evaluation load EvoMoE checkpoints with plain tasks, so this is no error
         logging.getLogger(__name__).warning(
             f"--evomoe-diversify-updates {args.evomoe_diversify_updates} with task {type(task).__name__}: if you train, "
             "use --task evomoe_translation, evomoe_language_modeling or evomoe_masked_lm; other tasks spawn the "
             "experts on schedule but leave the optimizer moments of the spawned weights unset"
         )
-    max_update = getattr(args, "max_update", 0) or 0
-    if diversify > 0 and max_update and diversify >= max_update:
+    if never_spawned:
         raise ValueError(
             f"--evomoe-diversify-updates ({diversify}) must be below --max-update ({max_update}): the experts would never be spawned"
         )

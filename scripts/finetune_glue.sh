@@ -85,7 +85,8 @@ DEVICE=(); EVAL_DEVICE=()
 if [[ "$CPU" == 1 ]] || ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   DEVICE=(--cpu); EVAL_DEVICE=(--cpu)
 else
-  DEVICE=(--fp16 --fp16-init-scale 4 --threshold-loss-scale 1 --fp16-scale-window 128)
+  # per-parameter fp32 masters: the same arithmetic as fairseq's flat copy, and allowed with expert parallelism
+  DEVICE=(--fp16 --fp16-no-flatten-grads --fp16-init-scale 4 --threshold-loss-scale 1 --fp16-scale-window 128)
 fi
 
 mkdir -p "$SAVE"

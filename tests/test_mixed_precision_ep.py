@@ -40,6 +40,8 @@ def _check_fp16_masters(rank, world):
     patches.install_for_expert_parallelism()
     layer, par, mine, full = _grads(rank, world)
     want = utils.clip_grad_norm_(full, 0.0)  # one process, every expert counted
+    with pytest.raises(ValueError, match="needs --fp16-no-flatten-grads"):  # fairseq's flat copy (hydra's path)
+        FP16Optimizer.build_fp32_params(None, mine, flatten=True)
     masters = FP16Optimizer.build_fp32_params(None, mine, flatten=False)
     for p, p32 in zip(mine, masters):
         p32.grad.copy_(p.grad)

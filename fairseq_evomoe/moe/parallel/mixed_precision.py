@@ -19,6 +19,13 @@ skip while the others step, and the dense weights and loss scales would drift ap
 
 import torch
 
+FLAT_FP16_REFUSED = (
+    "--fp16 with expert parallelism needs --fp16-no-flatten-grads (common.fp16_no_flatten_grads=true): fairseq's "
+    "flat fp32 master copy mixes each worker's own experts into one tensor, so the gradient norm would differ "
+    "between workers and checkpoints would lose the other workers' optimizer state; add --fp16-no-flatten-grads "
+    "(the same arithmetic, one fp32 copy per parameter) or use --memory-efficient-fp16"
+)
+
 # attributes a master copy must share with its parameter under expert parallelism
 EXPERT_PARALLEL_TAGS = ("expert_grad_copies", "expert_parallel")
 
@@ -28,6 +35,10 @@ def copying_expert_tags(build_fp32_params):
     EXPERT_PARALLEL_TAGS to the per-parameter masters."""
 
     def build(cls, args, params, flatten=True):
+        if flatten and any(getattr(p, "expert_parallel", None) is not None for p in params):
+            # fairseq-hydra-train's model config does not carry --fp16, so models/model_checks.py
+            # cannot refuse this there; the optimizer is built before the first update
+            raise ValueError(FLAT_FP16_REFUSED)
         masters = build_fp32_params.__func__(cls, args, params, flatten)
         if not flatten:
             for p, p32 in zip(params, masters):

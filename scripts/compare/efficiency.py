@@ -42,14 +42,15 @@ def compute_at(result: dict, update: float) -> Optional[float]:
 
 
 def cost_to_reach_switch(result: dict, switch: dict) -> Optional[Dict[str, Optional[float]]]:
-    """{"updates": ..., "compute": ...} at which `result` reaches `switch`'s final validation loss,
-    as multiples of Switch's updates and total expert compute; None when it is never reached."""
+    """{"at": update, "updates": ..., "compute": ...}: the update at which `result` reaches `switch`'s
+    final validation loss, and that update and the expert compute spent by then as multiples of
+    Switch's updates and total expert compute; None when it is never reached."""
     at = updates_to_reach(result["valid_updates"], result["valid_loss"], switch["final_valid_loss"])
     if at is None:
         return None
     total = compute_at(switch, switch["updates"])
     used = compute_at(result, at)
-    return {"updates": at / switch["updates"], "compute": used / total if used is not None and total else None}
+    return {"at": at, "updates": at / switch["updates"], "compute": used / total if used is not None and total else None}
 
 
 def per_seed_costs(rows: List[dict], gate: str) -> List[Optional[dict]]:

@@ -7,11 +7,11 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from plot_routing import _plt, make_plots, parse_log
 
-from .efficiency import per_seed_costs, updates_to_reach, verdict
+from .efficiency import per_seed_costs, verdict
 from .flags import SIZES, stablemoe_stage2_update, validation_interval, warmup_updates
 from .run_store import run_dir
 
@@ -92,24 +92,17 @@ def setting_lines(a: argparse.Namespace, cmdline: str) -> List[str]:
     ]
 
 
-def reach_cell(g: List[dict], switch: Dict[int, dict]) -> str:
-    """The "updates to Switch's final valid loss" cell of one gate: each seed against that seed's Switch run."""
-    reach = []
-    for r in g:
-        sw = switch.get(r["seed"])
-        if sw and sw["final_valid_loss"] is not None:
-            reach.append(updates_to_reach(r["valid_updates"], r["valid_loss"], sw["final_valid_loss"]))
-    reached = [x for x in reach if x is not None]
-    return "n/a (no Switch run)" if not switch else (
-        mean_std(reached, "{:.0f}") + (f" ({len(reached)}/{len(reach)} seeds)" if len(reached) != len(reach) else ""))
-
-
 def cost_cells(rows: List[dict], gate: str) -> List[str]:
-    """Updates and expert compute to reach Switch's final valid loss, as multiples of Switch's run."""
+    """The cells of one gate for reaching Switch's final valid loss (each seed against that seed's
+    Switch run): the update, that as a multiple of Switch's updates, and the expert compute spent by
+    then as a multiple of Switch's total."""
+    if not any(r["gate"] == "switch" for r in rows):
+        return ["n/a (no Switch run)", "–", "–"]
     costs = per_seed_costs(rows, gate)
     reached = [c for c in costs if c is not None]
-    note = f" ({len(reached)}/{len(costs)} seeds)" if costs and len(reached) != len(costs) else ""
-    return [mean_std([c["updates"] for c in reached]) + (note if reached else ""),
+    note = f" ({len(reached)}/{len(costs)} seeds)" if len(reached) != len(costs) else ""
+    return [mean_std([c["at"] for c in reached], "{:.0f}") + note,
+            mean_std([c["updates"] for c in reached]) + (note if reached else ""),
             mean_std([c["compute"] for c in reached])]
 
 
@@ -128,14 +121,13 @@ def table_lines(a: argparse.Namespace, task: str, rows: List[dict]) -> List[str]
              "updates | expert compute there, x Switch's total | expert compute, whole run (M) | train wall-clock (s) "
              "| mean experts / token |",
              "|---|---|---|---|---|---|---|---|---|"]
-    switch = {r["seed"]: r for r in rows if r["gate"] == "switch"}
     for gate in a.gates:
         g = [r for r in rows if r["gate"] == gate]
         if not g:
             continue
         lines.append(
             f"| {gate} | {mean_std([r[mkey] for r in g])} | {mean_std([r['final_valid_loss'] for r in g], '{:.3f}')} | "
-            f"{reach_cell(g, switch)} | {' | '.join(cost_cells(rows, gate))} | {compute_cell(g)} | "
+            f"{' | '.join(cost_cells(rows, gate))} | {compute_cell(g)} | "
             f"{mean_std([r['train_wall_s'] for r in g], '{:.0f}')} | {mean_std([r['experts_per_token'] for r in g])} |")
     lines += summary_lines(rows, a.gates, mkey, higher_is_better=(task == "mt"))
     verdicts = [v for v in (verdict(rows, g) for g in a.gates if g.startswith("evomoe")) if v]

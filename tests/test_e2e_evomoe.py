@@ -164,3 +164,32 @@ def test_upcycling_a_stock_dense_checkpoint(lm_data, tmp_path):
     ev = run_cli("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", evo / "checkpoint_last.pt", "--cpu",
                  "--tokens-per-sample", "64", "--max-tokens", "512", "--gen-subset", "test")
     assert "Perplexity" in ev.stdout + ev.stderr
+
+
+def test_upcycling_a_stock_dense_translation_checkpoint(mt_data, tmp_path):
+    """The same for translation: a transformer trained by stock fairseq upcycles into
+    transformer_evomoe_tiny (its encoder and decoder FFNs become the base experts), the first
+    update's loss equals the dense model's own first update from that checkpoint, and the
+    EvoMoE run goes through every phase and translates with fairseq-generate."""
+    sizes = ["--encoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--encoder-layers", "2",
+             "--encoder-attention-heads", "2", "--decoder-layers", "2", "--decoder-attention-heads", "2"]
+    data = [mt_data, *COMMON, "--max-tokens", "1000", "--disable-validation", "--label-smoothing", "0.1", *sizes]
+    dense = tmp_path / "dense"
+    run_cli("fairseq-train", *data, "--task", "translation", "--arch", "transformer",
+            "--criterion", "label_smoothed_cross_entropy", "--max-update", "4", "--save-dir", dense)
+    start = ["--finetune-from-model", dense / "checkpoint_last.pt"]
+    again = json_logs(run_cli("fairseq-train", *data, *start, "--task", "translation", "--arch", "transformer",
+                              "--criterion", "label_smoothed_cross_entropy", "--max-update", "1",
+                              "--save-dir", tmp_path / "again"))
+    evo = tmp_path / "evo"
+    proc = run_cli("fairseq-train", *data, *start, "--task", "evomoe_translation", "--arch", "transformer_evomoe_tiny",
+                   "--criterion", "moe_label_smoothed_cross_entropy", "--evomoe-diversify-updates", "2",
+                   "--dts-anneal-updates", "3", "--dts-hard-update", "6", "--max-update", "8", "--save-dir", evo)
+    rows = json_logs(proc)
+    assert rows[0]["loss"] == pytest.approx(again[0]["loss"], abs=2e-3)  # logged to 3 decimals
+    assert [r["moe_phase"] for r in rows] == [0, 0, 1, 1, 1, 1, 2, 2]
+    text = proc.stdout + proc.stderr
+    assert "EvoMoE: spawned 4 experts in each of 2 MoE layers at update 2" in text  # one per stack (moe_freq 2)
+    gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", evo / "checkpoint_last.pt",
+                  "--beam", "2", "--max-tokens", "2000", "--cpu", "--gen-subset", "test", "--max-len-b", "20")
+    assert "BLEU4" in gen.stdout + gen.stderr

@@ -177,3 +177,86 @@ def test_a_dense_checkpoint_upcycles_into_the_moe_model():
         got = moe(**sample["net_input"])[0]
     real = sample["net_input"]["src_tokens"] != vocab.pad()  # an MoE layer outputs 0 at padding
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def _dense_and_moe(task_name, dense_arch, moe_arch, sizes, vocab):
+    """A stock fairseq model and our EvoMoE model of the same sizes, both built from the command
+    line (the MoE one with its DTS gate, diversifying for 5 of 10 updates)."""
+    from fairseq.models import build_model
+
+    class Task:
+        source_dictionary = target_dictionary = dictionary = vocab
+
+        @staticmethod
+        def max_positions():
+            return 64
+
+    def build(arch, *extra):
+        parser = options.get_training_parser()
+        args = options.parse_args_and_arch(parser, ["/nonexistent", "--task", task_name, "--arch", arch,
+                                                    *sizes, *extra])
+        return build_model(args, Task()).eval()
+
+    torch.manual_seed(1)
+    dense = build(dense_arch)
+    torch.manual_seed(2)
+    moe = build(moe_arch, "--moe-gate", "dts", "--evomoe-diversify-updates", "5", "--max-update", "10",
+                "--moe-capacity-factor", "1.0")
+    return dense, moe
+
+
+@pytest.mark.parametrize("kind", ["translation", "roberta"])
+def test_stock_translation_and_roberta_checkpoints_upcycle(kind):
+    """Upcycling for the other two model families: a stock fairseq transformer (encoder and
+    decoder FFNs) and a stock RoBERTa (its encoder sits one level deeper, under sentence_encoder)
+    load into the EvoMoE model of the same sizes with strict=True, and before the spawn the MoE
+    model computes the dense model's outputs on every real (non-padding) position."""
+    vocab = Dictionary()
+    for i in range(40):
+        vocab.add_symbol(f"w{i}")
+    if kind == "translation":
+        sizes = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "32",
+                 "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+                 "--encoder-attention-heads", "2", "--decoder-attention-heads", "2"]
+        dense, moe = _dense_and_moe("translation", "transformer", "transformer_moe", sizes, vocab)
+        stacks = [dense.encoder.layers, dense.decoder.layers]
+    else:
+        sizes = ["--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+                 "--encoder-attention-heads", "2", "--tokens-per-sample", "16"]
+        vocab.add_symbol("<mask>")
+        dense, moe = _dense_and_moe("masked_lm", "roberta", "roberta_moe", sizes, vocab)
+        stacks = [dense.encoder.sentence_encoder.layers]
+    with torch.no_grad():  # a trained dense model: its FFNs differ from any fresh initialisation
+        for layers in stacks:
+            for layer in layers:
+                layer.fc1.weight.normal_(0, 0.2)
+                layer.fc2.bias.normal_(0, 0.2)
+    layers = moe_layers(moe)
+    assert len(layers) == (2 if kind == "translation" else 1)  # every other FFN (moe_freq 2)
+    sample = lm_sample(vocab)["net_input"]
+    tokens, lengths = sample["src_tokens"], sample["src_lengths"]
+    real = tokens != vocab.pad()
+    prev = tokens.roll(1, 1).masked_fill(~real, vocab.pad())
+    prev[:, 0] = vocab.eos()
+
+    def outputs(model):
+        with torch.no_grad():
+            if kind == "translation":
+                return model(tokens, lengths, prev)[0][real]
+            return model(tokens)[0][real]
+
+    moe.eval()
+    before = outputs(moe)
+    moe.set_num_updates(100)  # fairseq moves the model to the checkpoint's update count before loading
+    moe.load_state_dict(dense.state_dict(), strict=True)
+    for layer in layers:
+        assert not layer.is_spawned and int(layer.gate.schedule_position) == 0
+    dense_ffns = [layers_[1] for layers_ in stacks]  # the MoE FFN is the second layer of each stack
+    for layer, ffn in zip(layers, dense_ffns):
+        for e in range(layer.num_experts):
+            torch.testing.assert_close(layer.experts.fc1_weight[e], ffn.fc1.weight)
+            torch.testing.assert_close(layer.experts.fc2_bias[e], ffn.fc2.bias)
+
+    want = outputs(dense)
+    assert not torch.allclose(before, want, atol=1e-3)  # the MoE model's own weights compute something else
+    torch.testing.assert_close(outputs(moe), want, rtol=1e-5, atol=1e-5)

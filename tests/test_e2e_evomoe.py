@@ -138,6 +138,26 @@ def test_the_paper_mode_switch_changes_routing(lm_data, tmp_path):
     assert rows[14]["moe_experts_per_token"] == 1.0 and rows[14]["moe_switch_changed_pct"] > 0.0
 
 
+def upcycle_through_every_phase(data, tmp_path, dense_model, evo_model):
+    """Trains the stock dense model for 4 updates, then EvoMoE from that checkpoint
+    (--finetune-from-model) into the returned directory: its first update's loss equals the dense
+    model's own first update from the same checkpoint, and it goes through every phase (diversify
+    2 updates, anneal 3, top-1 from update 6) with 4 experts spawned in its 2 MoE layers."""
+    dense = tmp_path / "dense"
+    run_cli("fairseq-train", *data, *dense_model, "--max-update", "4", "--save-dir", dense)
+    start = ["--finetune-from-model", dense / "checkpoint_last.pt"]
+    again = json_logs(run_cli("fairseq-train", *data, *start, *dense_model, "--max-update", "1",
+                              "--save-dir", tmp_path / "again"))
+    evo = tmp_path / "evo"
+    proc = run_cli("fairseq-train", *data, *start, *evo_model, "--evomoe-diversify-updates", "2",
+                   "--dts-anneal-updates", "3", "--dts-hard-update", "6", "--max-update", "8", "--save-dir", evo)
+    rows = json_logs(proc)
+    assert rows[0]["loss"] == pytest.approx(again[0]["loss"], abs=2e-3)  # logged to 3 decimals
+    assert [r["moe_phase"] for r in rows] == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert "EvoMoE: spawned 4 experts in each of 2 MoE layers at update 2" in proc.stdout + proc.stderr
+    return evo
+
+
 def test_upcycling_a_stock_dense_checkpoint(lm_data, tmp_path):
     """EvoMoE from a dense transformer_lm trained by stock fairseq (--finetune-from-model): the
     dense FFNs become the base experts, so the first update's loss equals the dense model's own
@@ -146,21 +166,10 @@ def test_upcycling_a_stock_dense_checkpoint(lm_data, tmp_path):
              "--decoder-input-dim", "64", "--decoder-output-dim", "64", "--decoder-attention-heads", "2",
              "--activation-fn", "gelu", "--decoder-normalize-before", "--attention-dropout", "0.1"]
     data = [lm_data, *COMMON, "--tokens-per-sample", "64", "--max-tokens", "512", "--disable-validation", *sizes]
-    dense = tmp_path / "dense"
-    run_cli("fairseq-train", *data, "--task", "language_modeling", "--arch", "transformer_lm",
-            "--criterion", "cross_entropy", "--max-update", "4", "--save-dir", dense)
-    start = ["--finetune-from-model", dense / "checkpoint_last.pt"]
-    again = json_logs(run_cli("fairseq-train", *data, *start, "--task", "language_modeling", "--arch", "transformer_lm",
-                              "--criterion", "cross_entropy", "--max-update", "1", "--save-dir", tmp_path / "again"))
-    evo = tmp_path / "evo"
-    proc = run_cli("fairseq-train", *data, *start, "--task", "evomoe_language_modeling", "--arch",
-                   "transformer_lm_evomoe_tiny", "--criterion", "moe_cross_entropy", "--moe-freq", "1",
-                   "--evomoe-diversify-updates", "2", "--dts-anneal-updates", "3", "--dts-hard-update", "6",
-                   "--max-update", "8", "--save-dir", evo)
-    rows = json_logs(proc)
-    assert rows[0]["loss"] == pytest.approx(again[0]["loss"], abs=2e-3)  # logged to 3 decimals
-    assert [r["moe_phase"] for r in rows] == [0, 0, 1, 1, 1, 1, 2, 2]
-    assert "EvoMoE: spawned 4 experts in each of 2 MoE layers at update 2" in proc.stdout + proc.stderr
+    evo = upcycle_through_every_phase(data, tmp_path, ["--task", "language_modeling", "--arch", "transformer_lm",
+                                                       "--criterion", "cross_entropy"],
+                                      ["--task", "evomoe_language_modeling", "--arch", "transformer_lm_evomoe_tiny",
+                                       "--criterion", "moe_cross_entropy", "--moe-freq", "1"])
     ev = run_cli("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", evo / "checkpoint_last.pt", "--cpu",
                  "--tokens-per-sample", "64", "--max-tokens", "512", "--gen-subset", "test")
     assert "Perplexity" in ev.stdout + ev.stderr
@@ -174,22 +183,11 @@ def test_upcycling_a_stock_dense_translation_checkpoint(mt_data, tmp_path):
     sizes = ["--encoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--encoder-layers", "2",
              "--encoder-attention-heads", "2", "--decoder-layers", "2", "--decoder-attention-heads", "2"]
     data = [mt_data, *COMMON, "--max-tokens", "1000", "--disable-validation", "--label-smoothing", "0.1", *sizes]
-    dense = tmp_path / "dense"
-    run_cli("fairseq-train", *data, "--task", "translation", "--arch", "transformer",
-            "--criterion", "label_smoothed_cross_entropy", "--max-update", "4", "--save-dir", dense)
-    start = ["--finetune-from-model", dense / "checkpoint_last.pt"]
-    again = json_logs(run_cli("fairseq-train", *data, *start, "--task", "translation", "--arch", "transformer",
-                              "--criterion", "label_smoothed_cross_entropy", "--max-update", "1",
-                              "--save-dir", tmp_path / "again"))
-    evo = tmp_path / "evo"
-    proc = run_cli("fairseq-train", *data, *start, "--task", "evomoe_translation", "--arch", "transformer_evomoe_tiny",
-                   "--criterion", "moe_label_smoothed_cross_entropy", "--evomoe-diversify-updates", "2",
-                   "--dts-anneal-updates", "3", "--dts-hard-update", "6", "--max-update", "8", "--save-dir", evo)
-    rows = json_logs(proc)
-    assert rows[0]["loss"] == pytest.approx(again[0]["loss"], abs=2e-3)  # logged to 3 decimals
-    assert [r["moe_phase"] for r in rows] == [0, 0, 1, 1, 1, 1, 2, 2]
-    text = proc.stdout + proc.stderr
-    assert "EvoMoE: spawned 4 experts in each of 2 MoE layers at update 2" in text  # one per stack (moe_freq 2)
+    # one MoE layer per stack (moe_freq 2): 2 in all
+    evo = upcycle_through_every_phase(data, tmp_path, ["--task", "translation", "--arch", "transformer",
+                                                       "--criterion", "label_smoothed_cross_entropy"],
+                                      ["--task", "evomoe_translation", "--arch", "transformer_evomoe_tiny",
+                                       "--criterion", "moe_label_smoothed_cross_entropy"])
     gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", evo / "checkpoint_last.pt",
                   "--beam", "2", "--max-tokens", "2000", "--cpu", "--gen-subset", "test", "--max-len-b", "20")
     assert "BLEU4" in gen.stdout + gen.stderr

@@ -37,3 +37,19 @@ def test_cost_against_switch_and_the_verdict():
     assert cost_to_reach_switch(never, switch) is None
     assert "never reached" in verdict([switch, never], "evomoe")
     assert verdict([fast_cheap], "evomoe") is None  # no Switch run to compare with
+
+
+def test_switch_effect_reads_the_loss_step_and_the_rerouted_tokens():
+    from compare.switch_effect import hard_update, switch_effect
+
+    assert hard_update(1000) == 600 and hard_update(40) == 24  # configs/gate/evomoe.yaml: dts_hard_update 0.6
+    xs = list(range(10, 110, 10))
+    loss = [6.0, 5.9, 6.0, 5.9, 6.0, 5.9, 5.5, 5.6, 5.5, 5.6]  # alternating lines, then a drop of 0.4
+    changed = [None] * 6 + [80.0, 79.0, 78.0, 77.0]
+    e = switch_effect({"updates": xs, "inner_loss": loss, "moe_switch_changed_pct": changed}, hard=60, spread_from=20, lines=2)
+    assert e["change"] == pytest.approx(-0.4)  # (5.5 + 5.6) / 2 - (6.0 + 5.9) / 2
+    assert e["spread"] == pytest.approx((0.04 / 3) ** 0.5)  # sample std of the steps +0.1, -0.1, +0.1, -0.1 (lines 20-60)
+    assert e["rerouted"] == 80.0  # the first top-1 line
+    switch = switch_effect({"updates": xs, "inner_loss": loss}, hard=60, spread_from=20, lines=2)
+    assert switch["rerouted"] is None  # a run that logs no switch (Switch, for reference)
+    assert switch_effect({"updates": xs[:7], "inner_loss": loss[:7]}, hard=60, spread_from=20, lines=2) is None

@@ -146,6 +146,10 @@ def test_compare_gates_minimal(comparison):
     assert (work / "results_plots" / "lm" / "routing.png").stat().st_size > 10_000
     assert (work / "results_plots" / "lm" / "around_switch.png").stat().st_size > 10_000
     assert "expert compute there, x Switch's total" in report and "the target" in report
+    assert "Around the switch to top-1 at update 7" in report  # dts_hard_update 0.6 of 12 updates
+    row = next(line for line in report.splitlines() if line.startswith("| evomoe | 1 | "))
+    rerouted = float(row.rstrip(" |").rsplit("|", 1)[1])
+    assert 0 < rerouted <= 100  # the paper's threshold rule still routes to several experts at the switch
     compute = [c for c in evo["train_curve"]["moe_expert_compute"] if c is not None]
     assert compute and compute == sorted(compute) and compute[-1] > sw["train_curve"]["moe_expert_compute"][-1]
     # a second call finds the finished runs and does not train again

@@ -14,6 +14,7 @@ from plot_routing import _plt, make_plots, parse_log
 from .efficiency import per_seed_costs, verdict
 from .flags import SIZES, stablemoe_stage2_update, validation_interval, warmup_updates
 from .run_store import run_dir
+from .switch_effect import LINES, hard_update, switch_effect
 
 
 def mean_std(values: list, fmt: str = "{:.2f}") -> str:
@@ -113,6 +114,33 @@ def compute_cell(g: List[dict]) -> str:
     return mean_std(totals)
 
 
+def switch_lines(a: argparse.Namespace, rows: List[dict]) -> List[str]:
+    """Around EvoMoE's switch to top-1: per seed, the training loss change across it beside its
+    normal line-to-line spread, and the tokens it reroutes; Switch over the same lines for reference."""
+    hard = hard_update(a.updates)
+    spread_from = hard - a.updates // 5
+    table = []
+    for gate in [g for g in a.gates if g.startswith("evomoe")] + ["switch"]:
+        runs = sorted((r for r in rows if r["gate"] == gate and r.get("train_curve")), key=lambda r: r["seed"])
+        effects = [switch_effect(r["train_curve"], hard, spread_from) for r in runs]
+        if not any(effects) or (gate == "switch" and not table):
+            continue
+
+        def cells(key, fmt):
+            return " / ".join("–" if e is None or e[key] is None else fmt.format(e[key]) for e in effects)
+
+        table.append(f"| {gate}{' (no switch; reference)' if gate == 'switch' else ''} | "
+                     f"{' / '.join(str(r['seed']) for r in runs)} | {cells('change', '{:+.3f}')} | "
+                     f"{cells('spread', '{:.3f}')} | {cells('rerouted', '{:.1f}')} |")
+    if not table:
+        return []
+    return ["", f"Around the switch to top-1 at update {hard}: the training task loss, mean of the {LINES} log lines "
+            f"after minus the {LINES} before, beside the standard deviation of its line-to-line change over updates "
+            f"{spread_from}-{hard}; and the tokens whose routing the switch changes (first top-1 line).", "",
+            "| gate | seeds | loss change across the switch | line-to-line std before it | tokens rerouted (%) |",
+            "|---|---|---|---|---|", *table]
+
+
 def table_lines(a: argparse.Namespace, task: str, rows: List[dict]) -> List[str]:
     """One task's section: heading, the table of every gate with results, and the summary."""
     metric, mkey = ("validation perplexity ↓", "ppl") if task == "lm" else ("test BLEU ↑", "bleu")
@@ -131,7 +159,7 @@ def table_lines(a: argparse.Namespace, task: str, rows: List[dict]) -> List[str]
             f"{mean_std([r['train_wall_s'] for r in g], '{:.0f}')} | {mean_std([r['experts_per_token'] for r in g])} |")
     lines += summary_lines(rows, a.gates, mkey, higher_is_better=(task == "mt"))
     verdicts = [v for v in (verdict(rows, g) for g in a.gates if g.startswith("evomoe")) if v]
-    return lines + ([""] + [f"- {v}" for v in verdicts] if verdicts else []) + [""]
+    return lines + ([""] + [f"- {v}" for v in verdicts] if verdicts else []) + switch_lines(a, rows) + [""]
 
 
 def plot_lines(a: argparse.Namespace, task: str, rows: List[dict], plot_dir: Path, res_path: Path) -> List[str]:
@@ -155,7 +183,7 @@ def plot_lines(a: argparse.Namespace, task: str, rows: List[dict], plot_dir: Pat
 def plot_around_switch(rows: List[dict], gates: List[str], updates: int, out: Path) -> Optional[Path]:
     """Training loss (the task loss alone, every seed) and experts per token of the EvoMoE gates
     around their hard switch at 60% of the updates, with Switch's loss for reference."""
-    hard = round(0.6 * updates)
+    hard = hard_update(updates)
     lo, hi = hard - updates // 10, hard + updates // 10
     shown = [g for g in gates if g.startswith("evomoe") or g == "switch"]
     if not any(r["gate"].startswith("evomoe") and r.get("train_curve") for r in rows):

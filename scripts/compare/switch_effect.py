@@ -1,0 +1,37 @@
+"""What EvoMoE's hard switch to top-1 does to a run, read off its training curve: the change of the
+training task loss across the switch (the mean of the log lines just after minus the mean of those
+just before), the normal line-to-line spread of that loss before the switch to judge it by, and the
+share of tokens whose routing the switch changes (`moe_switch_changed_pct` at the first hard line)."""
+
+import statistics
+from typing import Optional
+
+LINES = 4  # log lines averaged on each side of the switch
+
+
+def hard_update(updates: int) -> int:
+    """The update from which the comparison's EvoMoE runs route top-1: configs/gate/evomoe.yaml's
+    dts_hard_update (a fraction of the run), resolved as the plugin resolves it."""
+    from fairseq_evomoe.evomoe.schedule import resolve_updates
+
+    from .flags import load_group_config
+
+    return resolve_updates(float(load_group_config("gate", "evomoe")["dts_hard_update"]), updates, "--dts-hard-update")
+
+
+def switch_effect(curve: dict, hard: int, spread_from: int, lines: int = LINES) -> Optional[dict]:
+    """{"change", "spread", "rerouted"} for one run's train_curve around update `hard`: the loss
+    change across it, the standard deviation of the line-to-line loss change over the lines from
+    `spread_from` to `hard`, and the percentage of tokens rerouted (None for a run that does not log
+    it, such as Switch, shown for reference). None when the curve has too few lines around `hard`."""
+    pts = [(x, y) for x, y in zip(curve.get("updates") or [], curve.get("inner_loss") or []) if y is not None]
+    before = [y for x, y in pts if x <= hard][-lines:]
+    after = [y for x, y in pts if x > hard][:lines]
+    window = [y for x, y in pts if spread_from <= x <= hard]
+    steps = [b - a for a, b in zip(window, window[1:])]
+    if len(before) < lines or len(after) < lines or len(steps) < 2:
+        return None
+    changed = [c for x, c in zip(curve.get("updates") or [], curve.get("moe_switch_changed_pct") or [])
+               if x > hard and c is not None]
+    return {"change": statistics.mean(after) - statistics.mean(before), "spread": statistics.stdev(steps),
+            "rerouted": changed[0] if changed else None}

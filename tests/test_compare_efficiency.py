@@ -49,7 +49,10 @@ def test_switch_effect_reads_the_loss_step_and_the_rerouted_tokens():
     e = switch_effect({"updates": xs, "inner_loss": loss, "moe_switch_changed_pct": changed}, hard=60, spread_from=20, lines=2)
     assert e["change"] == pytest.approx(-0.4)  # (5.5 + 5.6) / 2 - (6.0 + 5.9) / 2
     assert e["spread"] == pytest.approx((0.04 / 3) ** 0.5)  # sample std of the steps +0.1, -0.1, +0.1, -0.1 (lines 20-60)
+    assert e["trend"] == pytest.approx(0.0, abs=1e-12)  # the steps before it cancel out: no trend
     assert e["rerouted"] == 80.0  # the first top-1 line
+    steady = switch_effect({"updates": xs, "inner_loss": [6.0 - 0.1 * i for i in range(10)]}, hard=60, spread_from=20, lines=2)
+    assert steady["change"] == pytest.approx(-0.2) and steady["trend"] == pytest.approx(-0.2)  # a steady fall, no jump
     switch = switch_effect({"updates": xs, "inner_loss": loss}, hard=60, spread_from=20, lines=2)
     assert switch["rerouted"] is None  # a run that logs no switch (Switch, for reference)
     assert switch_effect({"updates": xs[:7], "inner_loss": loss[:7]}, hard=60, spread_from=20, lines=2) is None

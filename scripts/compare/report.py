@@ -115,30 +115,41 @@ def compute_cell(g: List[dict]) -> str:
 
 
 def switch_lines(a: argparse.Namespace, rows: List[dict]) -> List[str]:
-    """Around EvoMoE's switch to top-1: per seed, the training loss change across it beside its
-    normal line-to-line spread, and the tokens it reroutes; Switch over the same lines for reference."""
+    """Around EvoMoE's switch to top-1: per seed, the training loss change across it beside what the
+    trend before it gives, its normal line-to-line spread, the same change minus Switch's over the
+    same lines (same seed, so the same batches), and the tokens it reroutes; Switch for reference."""
     hard = hard_update(a.updates)
     spread_from = hard - a.updates // 5
+
+    def effects_of(gate):
+        runs = sorted((r for r in rows if r["gate"] == gate and r.get("train_curve")), key=lambda r: r["seed"])
+        return [(r["seed"], switch_effect(r["train_curve"], hard, spread_from)) for r in runs]
+
+    switch = dict(effects_of("switch"))
     table = []
     for gate in [g for g in a.gates if g.startswith("evomoe")] + ["switch"]:
-        runs = sorted((r for r in rows if r["gate"] == gate and r.get("train_curve")), key=lambda r: r["seed"])
-        effects = [switch_effect(r["train_curve"], hard, spread_from) for r in runs]
-        if not any(effects) or (gate == "switch" and not table):
+        effects = effects_of(gate)
+        if not any(e for _, e in effects) or (gate == "switch" and not table):
             continue
 
         def cells(key, fmt):
-            return " / ".join("–" if e is None or e[key] is None else fmt.format(e[key]) for e in effects)
+            return " / ".join("–" if e is None or e[key] is None else fmt.format(e[key]) for _, e in effects)
 
+        paired = " / ".join("–" if e is None or not switch.get(s) or gate == "switch"
+                            else f"{e['change'] - switch[s]['change']:+.3f}" for s, e in effects)
         table.append(f"| {gate}{' (no switch; reference)' if gate == 'switch' else ''} | "
-                     f"{' / '.join(str(r['seed']) for r in runs)} | {cells('change', '{:+.3f}')} | "
-                     f"{cells('spread', '{:.3f}')} | {cells('rerouted', '{:.1f}')} |")
+                     f"{' / '.join(str(s) for s, _ in effects)} | {cells('change', '{:+.3f}')} | "
+                     f"{cells('trend', '{:+.3f}')} | {cells('spread', '{:.3f}')} | {paired} | {cells('rerouted', '{:.1f}')} |")
     if not table:
         return []
     return ["", f"Around the switch to top-1 at update {hard}: the training task loss, mean of the {LINES} log lines "
-            f"after minus the {LINES} before, beside the standard deviation of its line-to-line change over updates "
-            f"{spread_from}-{hard}; and the tokens whose routing the switch changes (first top-1 line).", "",
-            "| gate | seeds | loss change across the switch | line-to-line std before it | tokens rerouted (%) |",
-            "|---|---|---|---|---|", *table]
+            f"after minus the {LINES} before; beside it, over updates {spread_from}-{hard}, what the trend alone gives "
+            f"({LINES} x the mean line-to-line change) and the standard deviation of the line-to-line change; the change "
+            "minus Switch's over the same lines (the same seed trains on the same batches); and the tokens whose "
+            "routing the switch changes (first top-1 line).", "",
+            "| gate | seeds | loss change across the switch | from the trend before it | line-to-line std before it "
+            "| minus Switch's change | tokens rerouted (%) |",
+            "|---|---|---|---|---|---|---|", *table]
 
 
 def table_lines(a: argparse.Namespace, task: str, rows: List[dict]) -> List[str]:

@@ -1,7 +1,8 @@
 """What EvoMoE's hard switch to top-1 does to a run, read off its training curve: the change of the
 training task loss across the switch (the mean of the log lines just after minus the mean of those
-just before), the normal line-to-line spread of that loss before the switch to judge it by, and the
-share of tokens whose routing the switch changes (`moe_switch_changed_pct` at the first hard line)."""
+just before), what the loss's trend before the switch alone would give over the same lines, the
+normal line-to-line spread of that loss to judge both by, and the share of tokens whose routing the
+switch changes (`moe_switch_changed_pct` at the first hard line)."""
 
 import statistics
 from typing import Optional
@@ -20,10 +21,12 @@ def hard_update(updates: int) -> int:
 
 
 def switch_effect(curve: dict, hard: int, spread_from: int, lines: int = LINES) -> Optional[dict]:
-    """{"change", "spread", "rerouted"} for one run's train_curve around update `hard`: the loss
-    change across it, the standard deviation of the line-to-line loss change over the lines from
-    `spread_from` to `hard`, and the percentage of tokens rerouted (None for a run that does not log
-    it, such as Switch, shown for reference). None when the curve has too few lines around `hard`."""
+    """{"change", "trend", "spread", "rerouted"} for one run's train_curve around update `hard`: the
+    loss change across it; over the lines from `spread_from` to `hard`, the mean line-to-line change
+    times `lines` (the two means are `lines` lines apart, so a steady trend alone gives that) and the
+    standard deviation of the line-to-line change; and the percentage of tokens rerouted (None for a
+    run that does not log it, such as Switch, shown for reference). None when the curve has too few
+    lines around `hard`."""
     pts = [(x, y) for x, y in zip(curve.get("updates") or [], curve.get("inner_loss") or []) if y is not None]
     before = [y for x, y in pts if x <= hard][-lines:]
     after = [y for x, y in pts if x > hard][:lines]
@@ -33,5 +36,6 @@ def switch_effect(curve: dict, hard: int, spread_from: int, lines: int = LINES) 
         return None
     changed = [c for x, c in zip(curve.get("updates") or [], curve.get("moe_switch_changed_pct") or [])
                if x > hard and c is not None]
-    return {"change": statistics.mean(after) - statistics.mean(before), "spread": statistics.stdev(steps),
+    return {"change": statistics.mean(after) - statistics.mean(before), "trend": statistics.mean(steps) * lines,
+            "spread": statistics.stdev(steps),
             "rerouted": changed[0] if changed else None}

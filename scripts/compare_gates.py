@@ -29,6 +29,7 @@ with other settings is never reused (a new folder <name>-2, -3, ... is prepared 
   python scripts/compare_gates.py --jobs 2                         # the default comparison
   python scripts/compare_gates.py --tasks lm --gates switch,evomoe --seeds 1 --updates 20   # smoke
   python scripts/compare_gates.py --gpu --size small --updates 20000 --seeds 1,2,3       # bigger, GPU
+  python scripts/compare_gates.py ... --report-only     # the same options: report the runs finished so far
 """
 
 import argparse
@@ -47,7 +48,7 @@ from compare.data_cache import data_dirs, prepare_data  # noqa: E402
 from compare.flags import train_command  # noqa: E402
 from compare.pool import run_all  # noqa: E402
 from compare.report import write_report  # noqa: E402
-from compare.run_store import run_dir, run_one  # noqa: E402
+from compare.run_store import finished_result, run_dir, run_one  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -67,7 +68,8 @@ def thread_env(a: argparse.Namespace) -> Dict[str, str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Prepare the data, train and evaluate every (task, gate, seed) not done earlier with the same
-    settings, write the report; 1 when a run failed. --dry-run prints the training commands only."""
+    settings, write the report; 1 when a run failed. --dry-run prints the training commands only;
+    --report-only writes the report from the finished runs alone."""
     a = parse_args(argv)
     cmdline = "python scripts/compare_gates.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     env = thread_env(a)
@@ -76,6 +78,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         data = data_dirs(a)
         for t, g, s in jobs:
             print(" ".join(shlex.quote(c) for c in train_command(a, t, g, s, data[t], run_dir(a, t, g, s))))
+        return 0
+    if a.report_only:
+        data = data_dirs(a)
+        found = {job: finished_result(a, *job, data[job[0]]) for job in jobs}
+        missing = [f"{t} {g} seed {s}" for (t, g, s), r in found.items() if r is None]
+        report = write_report(a, [r for r in found.values() if r is not None], cmdline, missing)
+        log(f"report: {report} ({len(jobs) - len(missing)} of {len(jobs)} runs finished"
+            + (f"; not yet: {', '.join(missing)})" if missing else ")"))
         return 0
     a.work_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(a, env)

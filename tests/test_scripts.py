@@ -273,6 +273,33 @@ def test_compare_gates_reuses_a_result_only_with_the_same_settings(tmp_path, mon
     assert len(saved) == 3 and all(p.exists() for p in saved)
 
 
+def test_compare_gates_report_only_reads_the_finished_runs(tmp_path, monkeypatch, capsys):
+    """--report-only while a comparison is still running: the report holds the runs finished with
+    these settings and names the others; nothing is trained, and an unfinished run is left in place
+    (the comparison still running it may be writing there)."""
+    cg = _import_script("compare_gates")
+    calls = _fake_compare_tools(monkeypatch)
+    work, report = tmp_path / "work", tmp_path / "results.md"
+    common = ["--tasks", "lm", "--gates", "switch,hash", "--seeds", "1", "--updates", "20", "--work-dir", str(work),
+              "--results", str(report), "--data-dir", str(shared_data_dir())]
+    assert cg.main(common) == 0 and len(calls) == 3  # prepare, train switch, train hash
+    unfinished = work / "lm" / "hash" / "seed1"
+    (unfinished / "result.json").unlink()  # as while it trains
+    capsys.readouterr()
+
+    assert cg.main(common + ["--report-only"]) == 0
+    out = capsys.readouterr().out
+    assert len(calls) == 3 and (unfinished / "ckpt" / "checkpoint_last.pt").exists()
+    assert not list((work / "lm" / "hash").glob("seed1.previous-*"))
+    text = report.read_text()
+    assert "| switch |" in text and "| hash |" not in text
+    assert "1 of the comparison's runs have not finished yet" in text and "lm hash seed 1" in text
+    assert "1 of 2 runs finished; not yet: lm hash seed 1" in out
+
+    assert cg.main(common + ["--updates", "30", "--report-only"]) == 0  # results of other settings are not used
+    assert "0 of 2 runs finished" in capsys.readouterr().out and len(calls) == 3
+
+
 def test_compare_gates_paths_are_absolute(tmp_path, monkeypatch, capsys):
     """--data-dir / --work-dir / --results relative to the caller's folder, although the tools run in
     the repository root; a --data-dir that is not a folder is an error naming the option."""

@@ -47,6 +47,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain runs that already have a result (the earlier run is "
                    "moved to seed<k>.previous-<time>, not deleted)")
     p.add_argument("--dry-run", action="store_true", help="print the training commands and exit")
+    p.add_argument("--report-only", action="store_true", help="write the report from the runs already finished "
+                   "with these settings and name the others; trains, evaluates and moves nothing (while a "
+                   "comparison is still running, or to read a partly finished run store)")
     return p
 
 

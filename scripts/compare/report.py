@@ -7,7 +7,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from plot_routing import _plt, make_plots, parse_log
 
@@ -244,11 +244,15 @@ CLOSING = [
 ]
 
 
-def write_report(a: argparse.Namespace, results: List[dict], cmdline: str) -> Path:
-    """Write the report to --results (plots to <results stem>_plots/ next to it); returns its path."""
+def write_report(a: argparse.Namespace, results: List[dict], cmdline: str, missing: Sequence[str] = ()) -> Path:
+    """Write the report to --results (plots to <results stem>_plots/ next to it); returns its path.
+    `missing` names the runs the comparison has not finished yet (--report-only)."""
     res_path = Path(a.results)
     plot_dir = res_path.parent / (res_path.stem + "_plots")
     lines = setting_lines(a, cmdline)
+    if missing:
+        lines += [f"> **Partial:** {len(missing)} of the comparison's runs have not finished yet and are not in the "
+                  f"tables: {', '.join(missing)}. Their gates' means are over the seeds that finished.", ""]
     for task in a.tasks:
         rows = [r for r in results if r["task"] == task]
         if rows:

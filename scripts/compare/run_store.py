@@ -122,6 +122,16 @@ def train_curve(parsed: dict) -> Dict[str, list]:
     return curve
 
 
+def finished_result(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path) -> Optional[dict]:
+    """The run's result when it finished with this invocation's settings; None otherwise. Reads only:
+    nothing is moved aside (--report-only)."""
+    folder = run_dir(a, task, gate, seed)
+    have = read_json(folder / "result.json") if (folder / "result.json").is_file() else None
+    if isinstance(have, dict) and have.get("settings") == run_settings(a, task, gate, seed, data, folder):
+        return have
+    return None
+
+
 def run_one(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, env: Dict[str, str],
             idx: int, total: int) -> dict:
     """One run's result: the earlier one when made with the same settings, else trained and evaluated

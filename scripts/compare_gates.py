@@ -71,7 +71,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings, write the report; 1 when a run failed. --dry-run prints the training commands only;
     --report-only writes the report from the finished runs alone."""
     a = parse_args(argv)
-    cmdline = "python scripts/compare_gates.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    given = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only"]  # the report names the comparison's command
+    cmdline = "python scripts/compare_gates.py " + " ".join(shlex.quote(x) for x in given)
     env = thread_env(a)
     jobs = [(t, g, s) for s in a.seeds for t in a.tasks for g in a.gates]  # seed by seed: a stopped run leaves whole seeds
     if a.dry_run:

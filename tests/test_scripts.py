@@ -295,6 +295,7 @@ def test_compare_gates_report_only_reads_the_finished_runs(tmp_path, monkeypatch
     assert "| switch |" in text and "| hash |" not in text
     assert "1 of the comparison's runs have not finished yet" in text and "lm hash seed 1" in text
     assert "1 of 2 runs finished; not yet: lm hash seed 1" in out
+    assert "--report-only" not in text  # the report's command is the comparison's, which trains the rest
 
     assert cg.main(common + ["--updates", "30", "--report-only"]) == 0  # results of other settings are not used
     assert "0 of 2 runs finished" in capsys.readouterr().out and len(calls) == 3

@@ -125,10 +125,10 @@ def switch_lines(a: argparse.Namespace, rows: List[dict]) -> List[str]:
         runs = sorted((r for r in rows if r["gate"] == gate and r.get("train_curve")), key=lambda r: r["seed"])
         return [(r["seed"], switch_effect(r["train_curve"], hard, spread_from)) for r in runs]
 
-    switch = dict(effects_of("switch"))
+    shown = {gate: effects_of(gate) for gate in [g for g in a.gates if g.startswith("evomoe")] + ["switch"]}
+    switch = dict(shown["switch"])
     table = []
-    for gate in [g for g in a.gates if g.startswith("evomoe")] + ["switch"]:
-        effects = effects_of(gate)
+    for gate, effects in shown.items():
         if not any(e for _, e in effects) or (gate == "switch" and not table):
             continue
 

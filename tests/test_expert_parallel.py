@@ -155,6 +155,7 @@ def _worker(rank, world, init_file, checks):
             except Exception as exc:
                 traceback.print_exc()
                 raise AssertionError(f"rank {rank}, {label}: {exc}") from exc
+        dist.barrier()  # no worker tears its connections down while a peer may still be using them
     finally:
         dist.destroy_process_group()
 

@@ -28,7 +28,8 @@ from fairseq_evomoe.moe.gates.base import GATE_REGISTRY
 CONFIGS = REPO / "configs"
 PRIMARY = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 GATES = sorted(p.stem for p in (CONFIGS / "gate").glob("*.yaml"))
-EXPECTED_GATES = {"dense", "switch", "top2", "base", "hash", "stablemoe", "dense_moe", "evomoe", "evomoe_scheduled"}
+EXPECTED_GATES = {"dense", "switch", "top2", "base", "hash", "stablemoe", "dense_moe", "evomoe", "evomoe_scheduled",
+                  "evomoe_authors"}
 EXPECTED_PRIMARY = {"wmt17_en_de", "iwslt14_de_en", "gpt_small", "gpt_medium", "roberta_base", "roberta_large",
                     "tiny_lm", "tiny_mt", "tiny_mlm"}
 
@@ -76,7 +77,9 @@ def test_config_resolves(name, gate):
         assert m.moe_freq == 0
     elif gate.startswith("evomoe"):
         assert m.moe_gate == "dts" and cfg.task._name.startswith("evomoe_")
-        assert m.evomoe_diversify_updates > 0 and m.max_update == cfg.optimization.max_update
+        # the authors' released code has no expert-diversify phase
+        assert (m.evomoe_diversify_updates == 0) == (gate == "evomoe_authors")
+        assert m.max_update == cfg.optimization.max_update
         assert m.get("dts_sparsity", "threshold") == {"evomoe_scheduled": "scheduled"}.get(gate, "threshold")
     else:
         assert not cfg.task._name.startswith("evomoe_")

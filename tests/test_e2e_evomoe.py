@@ -46,6 +46,10 @@ def test_language_model_runs_every_phase(lm_data, tmp_path):
     taus = [r["moe_temperature"] for r in soft]
     assert taus == sorted(taus, reverse=True) and taus[0] == pytest.approx(2.0) and taus[-1] == pytest.approx(0.1)
     assert all(r["moe_experts_per_token"] == 1.0 for r in hard)
+    # the router's statistics (every update logs here: --log-interval 1)
+    assert all(r["moe_router_logit_std"] > 0 and r["moe_router_top_gap"] > 0 for r in soft + hard)
+    assert all(0 < r["moe_hard_eval_agree_pct"] <= 100 for r in hard)
+    assert not any("moe_hard_eval_agree_pct" in r for r in diversify + soft)
     loss = [rows[n]["inner_loss"] for n in sorted(rows)]
     assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 0.5, loss
 

@@ -32,9 +32,11 @@ class MoECrossEntropyConfig(CrossEntropyCriterionConfig, MoELossOptions):
 
 @register_criterion("moe_cross_entropy", dataclass=MoECrossEntropyConfig)
 class MoECrossEntropyCriterion(MoELossMixin, CrossEntropyCriterion):
-    def __init__(self, task, sentence_avg, moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load):
+    def __init__(self, task, sentence_avg, moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load,
+                 moe_soft_gate_loss_wt=-1.0, log_interval=0):
         super().__init__(task, sentence_avg)
-        self.init_moe_loss(moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load)
+        self.init_moe_loss(moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load,
+                           moe_soft_gate_loss_wt, log_interval)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
@@ -61,9 +63,12 @@ class MoELabelSmoothedCrossEntropyCriterion(MoELossMixin, LabelSmoothedCrossEntr
         moe_log_expert_load,
         ignore_prefix_size=0,
         report_accuracy=False,
+        moe_soft_gate_loss_wt=-1.0,
+        log_interval=0,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        self.init_moe_loss(moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load)
+        self.init_moe_loss(moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load,
+                           moe_soft_gate_loss_wt, log_interval)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
@@ -80,7 +85,8 @@ class MoEMaskedLmConfig(MaskedLmConfig, MoELossOptions):
 class MoEMaskedLmLoss(MoELossMixin, MaskedLmLoss):
     def __init__(self, cfg: MoEMaskedLmConfig, task):
         super().__init__(cfg, task)
-        self.init_moe_loss(cfg.moe_gate_loss_wt, cfg.moe_gate_loss_combine_method, cfg.moe_z_loss_wt, cfg.moe_log_expert_load)
+        self.init_moe_loss(cfg.moe_gate_loss_wt, cfg.moe_gate_loss_combine_method, cfg.moe_z_loss_wt, cfg.moe_log_expert_load,
+                           cfg.moe_soft_gate_loss_wt, cfg.log_interval)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -101,7 +107,8 @@ class MoESentencePredictionCriterion(MoELossMixin, SentencePredictionCriterion):
 
     def __init__(self, cfg: MoESentencePredictionConfig, task):
         super().__init__(cfg, task)
-        self.init_moe_loss(cfg.moe_gate_loss_wt, cfg.moe_gate_loss_combine_method, cfg.moe_z_loss_wt, cfg.moe_log_expert_load)
+        self.init_moe_loss(cfg.moe_gate_loss_wt, cfg.moe_gate_loss_combine_method, cfg.moe_z_loss_wt, cfg.moe_log_expert_load,
+                           cfg.moe_soft_gate_loss_wt, cfg.log_interval)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -35,6 +35,12 @@ mean. "Assignment" = one (token, expert) pair chosen by the gate; a token sent t
   moe_router_entropy          mean entropy of the router distribution per token (nats)
   moe_<count>_pct             % of tokens in a count the gate reports (Routing.token_counts), e.g. the
                               DTS gate's moe_switch_changed_pct
+  moe_router_logit_std        mean over tokens of the std of the router logits over experts (nats)
+  moe_router_top_gap          mean over tokens of the gap between the two largest router logits (nats)
+  moe_hard_eval_agree_pct     DTS gate, hard phase: % of tokens whose training expert is argmax(l), the
+                              one evaluation routes them to
+                              (these three are computed on the updates fairseq logs and in validation
+                              only: a training line shows the last update's forwards)
   moe_expert_compute          expert compute spent by training so far, cumulative over the run: kept
                               (token, expert) assignments summed over the MoE layers, i.e. expert FFN
                               passes of one token (a dense FFN layer would count one per token); in
@@ -47,12 +53,15 @@ mean. "Assignment" = one (token, expert) pair chosen by the gate; a token sent t
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
+from torch import Tensor
 from fairseq.dataclass import FairseqDataclass
+from omegaconf import II
 from fairseq import metrics, utils
 
+from ..evomoe.schedule import Phase
 from ..moe.layer import MoELayer, moe_layers
 
 COMBINE_METHODS = ("sum", "average")
@@ -70,25 +79,61 @@ class MoELossOptions(FairseqDataclass):
     moe_log_expert_load: bool = field(
         default=False, metadata={"help": "also log each expert's share of tokens per layer (for load heatmaps)"}
     )
+    moe_soft_gate_loss_wt: float = field(
+        default=-1.0,
+        metadata={"help": "weight of the balance loss of MoE layers whose DTS gate is in its soft (dense-to-sparse) phase; "
+                  "-1 = --moe-gate-loss-wt (the hard phase and every other gate always use --moe-gate-loss-wt)"},
+    )
+    # fairseq writes a training log line after every log_interval-th update: the statistics only
+    # wanted on such steps are computed then (and for validation)
+    log_interval: int = II("common.log_interval")
 
 
 class MoELossMixin:
-    def init_moe_loss(self, moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load):
+    def init_moe_loss(self, moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load,
+                      moe_soft_gate_loss_wt=-1.0, log_interval=0):
         if moe_gate_loss_combine_method not in COMBINE_METHODS:
             raise ValueError(
                 f"--moe-gate-loss-combine-method {moe_gate_loss_combine_method!r} is not valid; choose one of: {', '.join(COMBINE_METHODS)}"
             )
         if moe_gate_loss_wt < 0 or moe_z_loss_wt < 0:
             raise ValueError("--moe-gate-loss-wt and --moe-z-loss-wt must be >= 0")
+        if moe_soft_gate_loss_wt < 0 and moe_soft_gate_loss_wt != -1:
+            raise ValueError(f"--moe-soft-gate-loss-wt must be >= 0, or -1 for --moe-gate-loss-wt; got {moe_soft_gate_loss_wt}")
         self.moe_gate_loss_wt = moe_gate_loss_wt
+        self.moe_soft_gate_loss_wt = moe_gate_loss_wt if moe_soft_gate_loss_wt == -1 else moe_soft_gate_loss_wt
         self.moe_gate_loss_combine_method = moe_gate_loss_combine_method
         self.moe_z_loss_wt = moe_z_loss_wt
         self.moe_log_expert_load = moe_log_expert_load
+        self.log_interval = log_interval if isinstance(log_interval, int) else 0
 
     def forward(self, model, sample, reduce=True):
-        """The task criterion's forward (next in the MRO), plus the MoE loss."""
-        loss, sample_size, logging_output = super().forward(model, sample, reduce)
+        """The task criterion's forward (next in the MRO), plus the MoE loss. Validation forwards
+        and the training forwards of a logged update also collect the statistics wanted only then."""
+        layers = moe_layers(model)
+        for m in layers:
+            m.collect_stats = not model.training or self.logs_after_this_update(m.num_updates)
+        try:
+            loss, sample_size, logging_output = super().forward(model, sample, reduce)
+        finally:
+            for m in layers:
+                m.collect_stats = False
         return self.add_moe_loss(model, loss, sample_size, logging_output)
+
+    def logs_after_this_update(self, num_updates: int) -> bool:
+        """Whether fairseq-train writes a log line after the update that follows `num_updates`
+        (every update when the log interval is unknown, e.g. outside fairseq-train)."""
+        return self.log_interval <= 0 or (num_updates + 1) % self.log_interval == 0
+
+    def balance_weights(self, layers: List[MoELayer]) -> Optional[Tensor]:
+        """Per-layer balance-loss weights where --moe-soft-gate-loss-wt makes them differ (layers in
+        the DTS gate's soft phase); None where every layer has --moe-gate-loss-wt."""
+        if self.moe_soft_gate_loss_wt == self.moe_gate_loss_wt:
+            return None
+        soft = [m.state_for_logging().get("phase") == Phase.SOFT for m in layers]
+        if not any(soft):
+            return None
+        return torch.tensor([self.moe_soft_gate_loss_wt if s else self.moe_gate_loss_wt for s in soft])
 
     def add_moe_loss(self, model, loss, sample_size, logging_output):
         layers = [m for m in moe_layers(model) if m.metadata]
@@ -98,7 +143,12 @@ class MoELossMixin:
             balance = torch.stack([m.metadata["balance_loss"] for m in layers])
             z = torch.stack([m.metadata["z_loss"] for m in layers])
             reduce = torch.sum if self.moe_gate_loss_combine_method == "sum" else torch.mean
-            gate_term = sample_size * (self.moe_gate_loss_wt * reduce(balance) + self.moe_z_loss_wt * reduce(z))
+            weights = self.balance_weights(layers)
+            if weights is None:
+                balance_term = self.moe_gate_loss_wt * reduce(balance)
+            else:
+                balance_term = reduce(weights.to(balance) * balance)
+            gate_term = sample_size * (balance_term + self.moe_z_loss_wt * reduce(z))
             extra = [m.metadata["extra_loss"] for m in layers if "extra_loss" in m.metadata]
             if extra:  # e.g. StableMoE's routing distillation, weighted by the gate itself
                 gate_term = gate_term + sample_size * reduce(torch.stack(extra))
@@ -164,10 +214,13 @@ def routing_summary(layers: List[MoELayer], per_expert: bool) -> Dict[str, float
     names = layer_names(layers)
     gate_counts = [(f"{TOKEN_COUNT}{key[len('token_count_'):]}_{name}", value.to(device).reshape(1))
                    for m, name in zip(layers, names) for key, value in m.metadata.items() if key.startswith("token_count_")]
-    values = torch.cat([torch.stack(rows).flatten()] + loads + [v for _, v in gate_counts]).tolist()
+    sampled = [(f"{STAT}{key[len('stat_'):]}_{name}", f"{STAT_COUNT}{key[len('stat_'):]}_{name}", value.to(device).reshape(2))
+               for m, name in zip(layers, names) for key, value in m.metadata.items() if key.startswith("stat_")]
+    values = torch.cat([torch.stack(rows).flatten()] + loads + [v for _, v in gate_counts] + [v for _, _, v in sampled]).tolist()
     keys = [f"_moe_{c}_{name}" for name in names for c in COUNTS]
     keys += [f"_moe_load_{name}_e{e}" for name, load in zip(names, loads) for e in range(load.numel())]
     keys += [k for k, _ in gate_counts]
+    keys += [k for total, count, _ in sampled for k in (total, count)]
     out: Dict[str, float] = dict(zip(keys, values))
     state = layers[0].state_for_logging()
     for k, v in state.items():
@@ -179,6 +232,8 @@ def routing_summary(layers: List[MoELayer], per_expert: bool) -> Dict[str, float
 
 
 TOKEN_COUNT = "_moe_tokencount_"  # + <count>_<layer>: a count of tokens the gate reports
+STAT = "_moe_stat_"  # + <name>_<layer>: the sum of a sampled statistic (MoELayer.collect_stats)
+STAT_COUNT = "_moe_statn_"  # + <name>_<layer>: what that sum is over (tokens)
 EXPERT_COMPUTE = "_moe_expert_compute"
 TRAINING_KEPT = "_moe_training_kept"  # a training forward's kept assignments, all layers
 
@@ -212,6 +267,19 @@ def _token_count_pct(count: str, layers: List[str], meters) -> float:
     shares = [100 * _summed(meters, f"{TOKEN_COUNT}{count}_{layer}") / _summed(meters, f"_moe_tokens_{layer}")
               for layer in layers if f"{TOKEN_COUNT}{count}_{layer}" in meters and _summed(meters, f"_moe_tokens_{layer}") > 0]
     return round(sum(shares) / len(shares), 3) if shares else 0.0
+
+
+def _sampled_mean(name: str, layers: List[str], meters) -> float:
+    """The mean, over the layers that report statistic `name`, of its sum over its count."""
+    means = [_summed(meters, f"{STAT}{name}_{layer}") / _summed(meters, f"{STAT_COUNT}{name}_{layer}")
+             for layer in layers if _summed(meters, f"{STAT_COUNT}{name}_{layer}") > 0]
+    return round(sum(means) / len(means), 3) if means else 0.0
+
+
+def _layer_suffixed(prefix: str, keys: List[str], layers: List[str]) -> List[str]:
+    """The names <name> of the keys <prefix><name>_<layer>, for the given layers."""
+    return sorted({k[len(prefix):].rsplit(f"_{layer}", 1)[0] for k in keys if k.startswith(prefix)
+                   for layer in layers if k.endswith(f"_{layer}")})
 
 
 def _expert_share(layer: str, expert: int, num_experts: int, meters) -> float:
@@ -249,10 +317,10 @@ def reduce_moe_metrics(logging_outputs) -> None:
             metrics.log_scalar(k, float(_total(logging_outputs, k)) / count, count, round=3)
     for name in ROUTING_METRICS:
         metrics.log_derived(name, partial(_mean_over_layers, name, layers), priority=10)
-    counts = {k[len(TOKEN_COUNT):].rsplit(f"_{layer}", 1)[0] for k in keys if k.startswith(TOKEN_COUNT)
-              for layer in layers if k.endswith(f"_{layer}")}
-    for count in sorted(counts):
+    for count in _layer_suffixed(TOKEN_COUNT, keys, layers):
         metrics.log_derived(f"moe_{count}_pct", partial(_token_count_pct, count, layers), priority=10)
+    for name in _layer_suffixed(STAT, keys, layers):
+        metrics.log_derived(f"moe_{name}", partial(_sampled_mean, name, layers), priority=10)
     # training's kept assignments accumulate in an aggregator of their own, which fairseq never
     # resets and saves in checkpoints with its other metrics
     with metrics.aggregate(EXPERT_COMPUTE):

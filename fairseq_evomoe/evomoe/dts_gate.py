@@ -14,13 +14,20 @@ soft phase (training, num_updates < H):
     p_e (default) or y_e (`--dts-combine-weights gumbel`), optionally renormalised over the selected
     experts. Nothing is dropped: capacity is unlimited.
 hard phase (training, num_updates >= H):
-    top-1 by the Gumbel-max sample argmax(l + g), weight p of that expert; capacity as configured.
+    top-1 by the Gumbel-max sample argmax(l + g) (`--dts-hard-routing sample`, the authors') or by
+    argmax(l) (`argmax`: as evaluation routes; `--moe-router-jitter` adds Switch's input jitter),
+    weight p of that expert (`--dts-hard-combine-weights softmax`) or its Gumbel-softmax weight y
+    at the current temperature (`gumbel`, as the authors' code with Gumbel combine weights);
+    capacity as configured. On steps that collect statistics it reports hard_eval_agree_pct, the
+    share of tokens whose training expert is argmax(l), the expert evaluation gives them.
     The gate also counts the tokens for which the soft rule, at the same noise and schedule, would
     select more than that one expert (`switch_changed`, logged as moe_switch_changed_pct): at the
     switch, the share of tokens whose routing the switch changes (capacity drops aside, which
     moe_tokens_dropped_pct shows).
 evaluation / generation:
-    top-1 = argmax(l), weight p, no noise, nothing dropped.
+    top-1 = argmax(l), weight p, no noise, nothing dropped. (`eval_routing`, for diagnosis only:
+    "sample" routes by the training rule of the current phase, noise included, and "softmax" gives
+    every expert its weight p; scripts/evaluate_routing.py compares the three.)
 balance loss:
     E * sum_e me_e * ce_e; me_e = mean over tokens of the combine weight of e (0 where unselected),
     ce_e = fraction of tokens that selected e (a token may select several). Padding never reaches a gate.
@@ -40,12 +47,15 @@ from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
 
 from ..moe.gates.base import Routing, register_gate, router_z_loss
+from ..moe.gates.dense import every_expert_routing
 from ..moe.gates.top_k import RouterGate, gumbel_noise_like
 from .saved_schedule import saved_update_counts
 from .schedule import EvoMoESchedule, Phase
 
 COMBINE_WEIGHTS = ("softmax", "gumbel")
 SPARSITY_MODES = ("threshold", "scheduled")
+HARD_ROUTING = ("sample", "argmax")
+EVAL_ROUTING = ("argmax", "sample", "softmax")
 
 
 @dataclass
@@ -77,6 +87,17 @@ class DTSOptions(FairseqDataclass):
         default=None, metadata={"help": "dts gate: update H from which routing is top-1 (a fraction < 1 means of --max-update); default: when annealing ends"}
     )
     dts_allow_hard_start: bool = field(default=False, metadata={"help": "dts gate: allow a --dts-hard-update at or before the spawn (top-1 from the start)"})
+    dts_hard_routing: str = field(
+        default="sample",
+        metadata={"help": "dts gate, hard phase: sample (top-1 by argmax(l + g), the Gumbel-max sample, as the authors) or "
+                  "argmax (top-1 by argmax(l), the expert evaluation routes to; no noise)"},
+    )
+    dts_hard_combine_weights: str = field(
+        default="softmax",
+        metadata={"help": "dts gate, hard phase: the chosen expert's combine weight: softmax (p_e of the logits) or "
+                  "gumbel (its Gumbel-softmax weight y_e at the current temperature, as the authors' code with Gumbel "
+                  "combine weights)"},
+    )
 
 
 @register_gate("dts", options=DTSOptions)
@@ -93,6 +114,15 @@ class DenseToSparseGate(RouterGate):
             raise ValueError(f"--dts-sparsity {self.sparsity!r} is not valid; choose one of: {', '.join(SPARSITY_MODES)}")
         if not 1 <= self.k_start <= num_experts:
             raise ValueError(f"--dts-k-start must be between 1 and --moe-expert-count ({num_experts}), or 0 for all experts; got {self.k_start}")
+        self.hard_routing = getattr(args, "dts_hard_routing", "sample")
+        self.hard_combine = getattr(args, "dts_hard_combine_weights", "softmax")
+        self.eval_routing = "argmax"  # diagnosis only (scripts/evaluate_routing.py); not an option
+        if self.hard_routing not in HARD_ROUTING:
+            raise ValueError(f"--dts-hard-routing {self.hard_routing!r} is not valid; choose one of: {', '.join(HARD_ROUTING)}")
+        if self.hard_combine not in COMBINE_WEIGHTS:
+            raise ValueError(
+                f"--dts-hard-combine-weights {self.hard_combine!r} is not valid; choose one of: {', '.join(COMBINE_WEIGHTS)}"
+            )
         if self.combine not in COMBINE_WEIGHTS:
             raise ValueError(f"--dts-combine-weights {self.combine!r} is not valid; choose one of: {', '.join(COMBINE_WEIGHTS)}")
         if not 0 <= self.threshold < 1:
@@ -141,17 +171,21 @@ class DenseToSparseGate(RouterGate):
     def forward(self, x: Tensor, token_ids=None) -> Routing:
         logits = self.router(x)
         probs = logits.softmax(dim=-1)
-        if not self.training:
-            weight, expert = probs.max(dim=-1)
-            return self._routing(x, expert, weight, probs, logits, droppable=False)
+        if self.training:
+            return self.training_routing(x, logits, probs, droppable=True)
+        if self.eval_routing == "sample":
+            return self.training_routing(x, logits, probs, droppable=False)
+        if self.eval_routing == "softmax":
+            return every_expert_routing(logits, probs)
+        weight, expert = probs.max(dim=-1)
+        return self._routing(x, expert, weight, probs, logits, droppable=False)
+
+    def training_routing(self, x: Tensor, logits: Tensor, probs: Tensor, droppable: bool) -> Routing:
+        """The routing of the current phase's training rule (droppable: whether capacity applies
+        in the hard phase)."""
         gumbel = gumbel_noise_like(logits)
         if self.phase == Phase.HARD:
-            expert = (logits.detach() + gumbel).argmax(dim=-1)
-            weight = probs.gather(1, expert[:, None]).squeeze(1)
-            routing = self._routing(x, expert, weight, probs, logits, droppable=True)
-            soft = self.soft_selection(((logits.detach() + gumbel) / self.tau).softmax(dim=-1))
-            routing.token_counts = {"switch_changed": (soft.sum(dim=-1) > 1).sum()}
-            return routing
+            return self.hard_routing_rule(x, logits, probs, gumbel, droppable)
 
         y = ((logits + gumbel) / self.tau).softmax(dim=-1)
         selected = self.soft_selection(y.detach())
@@ -161,7 +195,26 @@ class DenseToSparseGate(RouterGate):
         token, expert = selected.nonzero(as_tuple=True)
         weight = combine[token, expert]
         balance = self.balance_loss(combine, selected)
-        return Routing(token, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits), droppable=False)
+        return Routing(token, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits),
+                       droppable=False, logits=logits.detach())
+
+    def hard_routing_rule(self, x: Tensor, logits: Tensor, probs: Tensor, gumbel: Tensor, droppable: bool) -> Routing:
+        """Top-1: argmax(l + g) or argmax(l), weighted by p_e or by the Gumbel-softmax y_e."""
+        noisy = logits.detach() + gumbel
+        expert = (noisy if self.hard_routing == "sample" else logits.detach()).argmax(dim=-1)
+        if self.hard_combine == "gumbel":
+            y = ((logits + gumbel) / self.tau).softmax(dim=-1)
+            weight = y.gather(1, expert[:, None]).squeeze(1)
+            routing = self._routing(x, expert, weight, y, logits, droppable, probs=probs)
+        else:
+            weight = probs.gather(1, expert[:, None]).squeeze(1)
+            routing = self._routing(x, expert, weight, probs, logits, droppable)
+        soft = self.soft_selection((noisy / self.tau).softmax(dim=-1))
+        routing.token_counts = {"switch_changed": (soft.sum(dim=-1) > 1).sum()}
+        if self.collect_stats:
+            agree = (expert == logits.detach().argmax(dim=-1)).sum().float()
+            routing.sampled_stats = {"hard_eval_agree_pct": (100.0 * agree, logits.new_tensor(float(x.shape[0])))}
+        return routing
 
     def soft_selection(self, y: Tensor) -> Tensor:
         """[S, E] bool: the experts the soft phase gives each token, from its Gumbel-softmax weights."""
@@ -175,11 +228,14 @@ class DenseToSparseGate(RouterGate):
             selected &= torch.zeros_like(selected).scatter_(1, top, True)
         return selected
 
-    def _routing(self, x, expert, weight, probs, logits, droppable) -> Routing:
+    def _routing(self, x, expert, weight, combine, logits, droppable, probs=None) -> Routing:
+        """Top-1 routing; the balance loss from `combine` ([S, E] weights: p, or y), probs for the
+        entropy statistics (default: combine)."""
         tokens = torch.arange(x.shape[0], device=x.device)
         selected = torch.nn.functional.one_hot(expert, self.num_experts).bool()
-        balance = self.balance_loss(probs * selected, selected)
-        return Routing(tokens, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits), droppable=droppable)
+        balance = self.balance_loss(combine * selected, selected)
+        return Routing(tokens, expert, weight, weight.detach(), None, combine if probs is None else probs, balance,
+                       router_z_loss(logits), droppable=droppable, logits=logits.detach())
 
     def balance_loss(self, combine: Tensor, selected: Tensor) -> Tensor:
         """E * sum_e (mean combine weight of e) * (fraction of tokens selecting e)."""

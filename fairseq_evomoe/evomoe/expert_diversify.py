@@ -84,6 +84,7 @@ class DiversifyingMoELayer(MoELayer):
 
         The evomoe_* tasks spawn the experts first (and fix the optimizer state); this is the
         fallback that keeps the spawn on schedule under any other task."""
+        super().set_num_updates(num_updates)
         if self.spawn_due(num_updates):
             self.spawn()
 

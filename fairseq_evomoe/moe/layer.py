@@ -6,6 +6,9 @@ balance loss. Tokens that lose every expert to capacity also output 0.
 
 After each forward the layer leaves `self.metadata`: its balance loss and z-loss (tensors in the
 graph) and routing statistics (detached tensors, no host sync), which the MoE criteria read.
+Statistics only wanted on steps that log (the router's logit spread, the gate's sampled
+statistics) are computed when `collect_stats` is set: the MoE criteria set it for validation and
+for training steps that fairseq logs, never at generation.
 """
 
 from typing import Dict, List, Optional
@@ -46,6 +49,22 @@ class MoELayer(nn.Module):
         self.metadata: Dict[str, Tensor] = {}
         # token ids [batch, time] of the current forward, set by the encoder/decoder (RoutingContext)
         self.routing_tokens: Optional[Tensor] = None
+        self.num_updates = 0  # fairseq's update counter, pushed before each training step
+        self.collect_stats = False
+
+    @property
+    def collect_stats(self) -> bool:
+        """Whether this forward also computes the statistics only wanted on steps that log."""
+        return self._collect_stats
+
+    @collect_stats.setter
+    def collect_stats(self, value: bool) -> None:
+        self._collect_stats = value
+        self.gate.collect_stats = value
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq calls this on every module before each training step and on checkpoint load."""
+        self.num_updates = num_updates
 
     @property
     def gate_routes(self) -> bool:
@@ -130,6 +149,8 @@ class MoELayer(nn.Module):
                 stats["router_entropy"] = -(p * torch.log(p.clamp(min=1e-9))).sum(-1).mean()
             else:
                 stats["router_entropy"] = torch.tensor(0.0)
+        if self.collect_stats:
+            stats.update(router_stats(routing))
         stats["balance_loss"] = routing.balance_loss.float()
         stats["z_loss"] = routing.z_loss.float()
         if routing.extra_loss is not None:
@@ -151,6 +172,27 @@ class MoELayer(nn.Module):
         for e in range(self.num_experts):
             out = out + self.experts.forward_one(x, e) * combine[:, e : e + 1].to(x.dtype)
         return out
+
+
+def router_stats(routing: Routing) -> Dict[str, Tensor]:
+    """Sampled statistics ("stat_<name>": [sum, count]) of a routing: the mean over tokens of the
+    std of the router logits over experts (router_logit_std) and of the gap between the two largest
+    logits (router_top_gap), beside Gumbel(0, 1) noise's std of 1.28 the scale at which the noise
+    decides; and the gate's own sampled statistics."""
+    out: Dict[str, Tensor] = {}
+    with torch.no_grad():
+        logits = routing.logits
+        if logits is None and routing.probs is not None:
+            logits = torch.log(routing.probs.float().clamp(min=torch.finfo(torch.float).tiny))
+        if logits is not None and logits.shape[0] > 0 and logits.shape[1] > 1:
+            logits = logits.float()
+            n = logits.new_tensor(float(logits.shape[0]))
+            top2 = logits.topk(2, dim=-1).values
+            out["stat_router_logit_std"] = torch.stack([logits.std(dim=-1, unbiased=False).sum(), n])
+            out["stat_router_top_gap"] = torch.stack([(top2[:, 0] - top2[:, 1]).sum(), n])
+        for name, (total, count) in (routing.sampled_stats or {}).items():
+            out[f"stat_{name}"] = torch.stack([total.detach().float(), count.detach().float()])
+    return out
 
 
 def moe_layers(module: nn.Module) -> List[MoELayer]:

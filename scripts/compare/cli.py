@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import REPO
-from .flags import ALL_GATES, DEFAULT_GATES, SIZES, TASKS
+from .flags import ALL_GATES, DEFAULT_GATES, SIZES, TASKS, config_path
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -16,6 +16,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="lm,mt", help="comma-separated: lm, mt (default: both)")
     p.add_argument("--gates", default=",".join(DEFAULT_GATES), help=f"comma-separated, from {','.join(ALL_GATES)} "
                    f"(default: {','.join(DEFAULT_GATES)})")
+    p.add_argument("--gate-dir", default=None, help="a folder of further gate configs (<name>.yaml, as configs/gate/; "
+                   "`defaults` may name configs/gate files, e.g. a variant of evomoe), usable in --gates")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     p.add_argument("--updates", type=int, default=200, help="training updates per run (default 200)")
     p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="model size (default tiny)")
@@ -67,9 +69,14 @@ def parse_args(argv: Optional[List[str]], description: str) -> argparse.Namespac
     for t in a.tasks:
         if t not in TASKS:
             p.error(f"--tasks: unknown task {t!r}; choose from lm, mt")
+    if a.gate_dir:
+        if not Path(a.gate_dir).is_dir():
+            p.error(f"--gate-dir {a.gate_dir} is not a folder")
+        a.gate_dir = Path(a.gate_dir).resolve()
     for g in a.gates:
-        if g not in ALL_GATES:
-            p.error(f"--gates: unknown gate {g!r}; choose from {', '.join(ALL_GATES)}")
+        if g not in ALL_GATES and config_path("gate", g, a.gate_dir) is None:
+            p.error(f"--gates: unknown gate {g!r}; choose from {', '.join(ALL_GATES)}"
+                    f"{f' or a config in {a.gate_dir}' if a.gate_dir else ''}")
     if not a.tasks or not a.gates or not a.seeds:
         p.error("--tasks, --gates and --seeds must each name at least one value")
     if a.updates < 10:

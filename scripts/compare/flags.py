@@ -8,7 +8,7 @@ the report's description of it cannot disagree."""
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from . import REPO
 
@@ -62,35 +62,58 @@ def config_flags(cfg: dict) -> List[str]:
     return args
 
 
-def load_group_config(group: str, name: str) -> dict:
-    """configs/<group>/<name>.yaml as a dict, with the configs its Hydra `defaults` list names in the same
-    group merged in first (as Hydra does; `_self_` last). SystemExit naming --gates when it is missing."""
+def config_path(group: str, name: str, extra_dir: Optional[Path] = None) -> Optional[Path]:
+    """<extra_dir>/<name>.yaml (for gate configs given with --gate-dir) or configs/<group>/<name>.yaml,
+    whichever exists first; None when neither does."""
+    for folder in ([extra_dir] if extra_dir else []) + [REPO / "configs" / group]:
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    return None
+
+
+def load_group_config(group: str, name: str, extra_dir: Optional[Path] = None) -> dict:
+    """configs/<group>/<name>.yaml (or <extra_dir>/<name>.yaml) as a dict, with the configs its Hydra
+    `defaults` list names merged in first (as Hydra does; `_self_` last). SystemExit naming --gates
+    when it is missing."""
     from omegaconf import OmegaConf
 
-    path = REPO / "configs" / group / f"{name}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"--gates: no config {path} for gate {name!r}; choose from {', '.join(ALL_GATES)}")
+    path = config_path(group, name, extra_dir)
+    if path is None:
+        raise SystemExit(f"--gates: no config {name}.yaml for gate {name!r} in configs/{group}"
+                         f"{f' or {extra_dir}' if extra_dir else ''}; choose from {', '.join(ALL_GATES)}")
     own = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     merged: dict = {}
     for entry in own.pop("defaults", []):
         if entry != "_self_":
-            merged.update(load_group_config(group, entry))
+            merged.update(load_group_config(group, entry, extra_dir))
     merged.update(own)
     return merged
 
 
-def gate_options(gate: str, task: str) -> Tuple[str, List[str]]:
-    """fairseq-train options (and the task name) from configs/gate/<gate>.yaml and configs/evomoe_task."""
-    args = config_flags(load_group_config("gate", gate))
-    task_name = TASKS[task]
+def phase_task(gate: str, task_name: str, extra_dir: Optional[Path] = None) -> Optional[str]:
+    """The evomoe_* task of a gate config: configs/evomoe_task/<gate>_<task>.yaml of the gate or of
+    the first config its `defaults` name that has one (a variant of gate=evomoe runs evomoe's task)."""
+    from omegaconf import OmegaConf
+
     if (REPO / "configs" / "evomoe_task" / f"{gate}_{task_name}.yaml").is_file():
-        task_name = load_group_config("evomoe_task", f"{gate}_{task_name}")["_name"]
-    return task_name, args
+        return load_group_config("evomoe_task", f"{gate}_{task_name}")["_name"]
+    path = config_path("gate", gate, extra_dir)
+    for entry in (OmegaConf.to_container(OmegaConf.load(path), resolve=False).get("defaults", []) if path else []):
+        found = phase_task(entry, task_name, extra_dir) if entry != "_self_" else None
+        if found:
+            return found
+    return None
+
+
+def gate_options(gate: str, task: str, extra_dir: Optional[Path] = None) -> Tuple[str, List[str]]:
+    """fairseq-train options (and the task name) from configs/gate/<gate>.yaml and configs/evomoe_task."""
+    args = config_flags(load_group_config("gate", gate, extra_dir))
+    return phase_task(gate, TASKS[task], extra_dir) or TASKS[task], args
 
 
 def gate_options_for(a: argparse.Namespace, gate: str, task: str) -> Tuple[str, List[str]]:
     """gate_options with this invocation's EvoMoE choices (--spawn-mode, --tau-schedule) filled in."""
-    task_name, args = gate_options(gate, task)
+    task_name, args = gate_options(gate, task, getattr(a, "gate_dir", None))
     for flag, val in (("--evomoe-spawn-mode", a.spawn_mode), ("--dts-tau-schedule", a.tau_schedule)):
         if flag in args:
             args[args.index(flag) + 1] = val

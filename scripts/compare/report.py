@@ -14,7 +14,7 @@ from plot_routing import _plt, make_plots, parse_log
 from .efficiency import per_seed_costs, verdict
 from .flags import SIZES, stablemoe_stage2_update, validation_interval, warmup_updates
 from .run_store import run_dir
-from .switch_effect import LINES, hard_update, switch_effect
+from .switch_effect import LINES, hard_update, switch_effect, switching_like_evomoe
 
 
 def mean_std(values: list, fmt: str = "{:.2f}") -> str:
@@ -125,7 +125,7 @@ def switch_lines(a: argparse.Namespace, rows: List[dict]) -> List[str]:
         runs = sorted((r for r in rows if r["gate"] == gate and r.get("train_curve")), key=lambda r: r["seed"])
         return [(r["seed"], switch_effect(r["train_curve"], hard, spread_from)) for r in runs]
 
-    shown = {gate: effects_of(gate) for gate in [g for g in a.gates if g.startswith("evomoe")] + ["switch"]}
+    shown = {gate: effects_of(gate) for gate in switching_like_evomoe(a.gates, a.updates, getattr(a, "gate_dir", None)) + ["switch"]}
     switch = dict(shown["switch"])
     table = []
     for gate, effects in shown.items():
@@ -185,7 +185,8 @@ def plot_lines(a: argparse.Namespace, task: str, rows: List[dict], plot_dir: Pat
         return []
     lines = [f"Plots (seed {first}):", ""]
     files = list(make_plots(runs, plot_dir / task))
-    around = plot_around_switch(rows, a.gates, a.updates, plot_dir / task / "around_switch.png")
+    switching = switching_like_evomoe(a.gates, a.updates, getattr(a, "gate_dir", None))
+    around = plot_around_switch(rows, switching + ["switch"], a.updates, plot_dir / task / "around_switch.png")
     for f in files + ([around] if around else []):
         lines.append(f"![{Path(f).stem}]({os.path.relpath(f, res_path.parent)})")
     return lines + [""]

@@ -10,14 +10,23 @@ from typing import Optional
 LINES = 4  # log lines averaged on each side of the switch
 
 
-def hard_update(updates: int) -> int:
-    """The update from which the comparison's EvoMoE runs route top-1: configs/gate/evomoe.yaml's
-    dts_hard_update (a fraction of the run), resolved as the plugin resolves it."""
+def hard_update(updates: int, gate: str = "evomoe", extra_dir=None) -> Optional[int]:
+    """The update from which a comparison's EvoMoE gate routes top-1: its config's dts_hard_update
+    (configs/gate/evomoe.yaml's by default; a fraction of the run or a count), resolved as the
+    plugin resolves it; None for a config without one."""
     from fairseq_evomoe.evomoe.schedule import resolve_updates
 
     from .flags import load_group_config
 
-    return resolve_updates(float(load_group_config("gate", "evomoe")["dts_hard_update"]), updates, "--dts-hard-update")
+    value = load_group_config("gate", gate, extra_dir).get("dts_hard_update")
+    return None if value is None else resolve_updates(float(value), updates, "--dts-hard-update")
+
+
+def switching_like_evomoe(gates, updates: int, extra_dir=None) -> list:
+    """The EvoMoE gates among `gates` that switch to top-1 at gate=evomoe's update (the switch table
+    and plot compare runs around one update)."""
+    hard = hard_update(updates)
+    return [g for g in gates if g.startswith("evomoe") and hard_update(updates, g, extra_dir) == hard]
 
 
 def switch_effect(curve: dict, hard: int, spread_from: int, lines: int = LINES) -> Optional[dict]:

@@ -9,7 +9,7 @@ Gates never move tokens; `moe.dispatch` applies capacity and groups the assignme
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,11 @@ class Routing:
     droppable: False when capacity must not drop anything (e.g. dense-to-sparse soft routing, evaluation).
     token_counts: numbers of tokens (scalar tensors) the gate wants logged, by name, as a percentage
         of the layer's tokens (the criterion logs moe_<name>_pct).
+    logits: float tensor [S, E] or None; the router's logits (detached), for router statistics
+        (where None, they are taken as log(probs), which has the same spread and top gap).
+    sampled_stats: statistics the gate computes only on steps that collect statistics, by name:
+        (sum, count) scalar tensors; the criterion logs moe_<name> = the summed sums over the
+        summed counts (e.g. the DTS gate's hard_eval_agree_pct).
     """
 
     token_idx: Tensor
@@ -49,6 +54,8 @@ class Routing:
     # assignments per token that the capacity formula budgets for (1 for top-1, 2 for top-2)
     capacity_k: int = 1
     token_counts: Optional[Dict[str, Tensor]] = None
+    logits: Optional[Tensor] = None
+    sampled_stats: Optional[Dict[str, Tuple[Tensor, Tensor]]] = None
 
 
 class Gate(nn.Module):
@@ -62,6 +69,9 @@ class Gate(nn.Module):
 
     # set by register_gate
     name: str = ""
+    # whether this forward should also compute the statistics that are only wanted on steps that
+    # log (set through MoELayer.collect_stats; never at generation)
+    collect_stats: bool = False
 
     def __init__(self, model_dim: int, num_experts: int, args, dictionary=None):
         super().__init__()

@@ -22,20 +22,25 @@ from .top_k import RouterGate
 class DenseMoEGate(RouterGate):
     def forward(self, x: Tensor, token_ids=None) -> Routing:
         logits = self.router(x)
-        probs = logits.softmax(dim=-1)  # [S, E]
-        S, E = probs.shape
-        tokens = torch.arange(S, device=x.device).repeat_interleave(E)
-        experts = torch.arange(E, device=x.device).repeat(S)
-        weight = probs.reshape(-1)
-        return Routing(
-            token_idx=tokens,
-            expert_idx=experts,
-            weight=weight,
-            priority=weight.detach(),
-            rank=None,
-            probs=probs,
-            balance_loss=logits.new_zeros(()),
-            z_loss=router_z_loss(logits),
-            droppable=False,
-            capacity_k=E,
-        )
+        return every_expert_routing(logits, logits.softmax(dim=-1))
+
+
+def every_expert_routing(logits: Tensor, probs: Tensor) -> Routing:
+    """Every token to every expert, weighted by probs [S, E]; no balance loss, nothing dropped."""
+    S, E = probs.shape
+    tokens = torch.arange(S, device=probs.device).repeat_interleave(E)
+    experts = torch.arange(E, device=probs.device).repeat(S)
+    weight = probs.reshape(-1)
+    return Routing(
+        token_idx=tokens,
+        expert_idx=experts,
+        weight=weight,
+        priority=weight.detach(),
+        rank=None,
+        probs=probs,
+        balance_loss=logits.new_zeros(()),
+        z_loss=router_z_loss(logits),
+        droppable=False,
+        capacity_k=E,
+        logits=logits.detach(),
+    )

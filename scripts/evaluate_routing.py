@@ -23,7 +23,7 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # checkpoint_data
 
 ROUTINGS = ("argmax", "sample", "softmax")
 
@@ -49,45 +49,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def load(a: argparse.Namespace):
-    """The model (eval mode), its task with the split loaded, and its criterion."""
+def evaluate(a: argparse.Namespace) -> dict:
     import torch
-    from fairseq import checkpoint_utils
 
-    import fairseq_evomoe  # noqa: F401  (registers the models; allowlists the checkpoint's types)
+    from checkpoint_data import load_checkpoint, split_batches
     from fairseq_evomoe.evomoe.dts_gate import DenseToSparseGate
-    from fairseq_evomoe.moe.layer import moe_layers
 
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([a.path], arg_overrides={"data": a.data})
-    model = models[0].eval()
-    if a.gpu:
-        model = model.cuda()
-    layers = moe_layers(model)
+    model, layers, task, criterion = load_checkpoint(a.path, a.data, a.split, a.gpu)
     if not layers or not all(isinstance(m.gate, DenseToSparseGate) for m in layers):
         sys.exit(f"evaluate_routing: {a.path} has no DTS-gate MoE layers (--moe-gate dts); nothing to compare")
-    task.load_dataset(a.split, combine=False, epoch=1)
-    criterion = task.build_criterion(cfg.criterion)
-    return torch, model, layers, task, criterion
-
-
-def batches(task, model, a):
-    itr = task.get_batch_iterator(
-        dataset=task.dataset(a.split), max_tokens=a.max_tokens, max_positions=model.max_positions(),
-        ignore_invalid_inputs=True, seed=1, num_workers=0,
-    ).next_epoch_itr(shuffle=False)
-    for i, sample in enumerate(itr):
-        if a.max_batches and i >= a.max_batches:
-            return
-        yield sample
-
-
-def evaluate(a: argparse.Namespace) -> dict:
-    from fairseq import utils
-
-    torch, model, layers, task, criterion = load(a)
-    samples = list(batches(task, model, a))
-    if a.gpu:
-        samples = [utils.move_to_cuda(s) for s in samples]
+    if not all(m.gate_routes for m in layers):
+        sys.exit(f"evaluate_routing: {a.path} was written before the spawn (--evomoe-diversify-updates): its MoE layers "
+                 "run the base expert whatever the routing; nothing to compare")
+    samples = split_batches(task, model, a.split, a.max_tokens, a.max_batches, a.gpu)
     result = {"checkpoint": str(Path(a.path).resolve()), "split": a.split, "draws": a.draws,
               "phase": int(layers[0].gate.phase), "temperature": layers[0].gate.tau}
     for routing in ROUTINGS:

@@ -1,0 +1,78 @@
+"""The diagnosis scripts on real checkpoints of a tiny EvoMoE GPT trained through fairseq-train:
+scripts/spawn_scale.py on the checkpoint written just before the spawn, scripts/evaluate_routing.py
+on the final one (hard phase)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, USER_DIR, run_cli
+
+pytestmark = pytest.mark.slow  # trains with fairseq-train
+
+
+@pytest.fixture(scope="module")
+def evomoe_checkpoints(lm_data, tmp_path_factory):
+    """Spawn at update 4, tau 2.0 -> 0.5 by update 8, top-1 from 8; checkpoints at 4 (before the
+    spawn: it happens before the step of update 5) and 10 (hard phase)."""
+    save = tmp_path_factory.mktemp("evomoe_ckpt")
+    run_cli("fairseq-train", lm_data, "--user-dir", USER_DIR, "--cpu", "--seed", "1", "--task", "evomoe_language_modeling",
+            "--arch", "transformer_lm_evomoe_tiny", "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64",
+            "--max-tokens", "512", "--optimizer", "adam", "--lr", "2e-3", "--max-update", "10", "--num-workers", "0",
+            "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "4", "--dts-hard-update", "8",
+            "--save-dir", save, "--save-interval-updates", "4", "--keep-interval-updates", "-1",
+            "--no-epoch-checkpoints", "--disable-validation")
+    return save / "checkpoint_1_4.pt", save / "checkpoint_last.pt"
+
+
+def script(name, *args, check=True):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=str(REPO))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_spawn_scale_per_mode(lm_data, evomoe_checkpoints, tmp_path):
+    before, _ = evomoe_checkpoints
+    out = tmp_path / "scale.json"
+    proc = script("spawn_scale.py", lm_data, "--path", before, "--max-batches", "3", "--json", out)
+    r = json.loads(out.read_text())
+    assert set(r["modes"]) == {"mask", "mask-rescale", "reinit", "noise", "copy"} and r["layers"]
+    for routing in ("soft", "top1"):
+        copies = r["modes"]["copy"][routing]
+        # copies of the base expert mixed by weights that sum to at most 1: the top-1 output is the base
+        # expert's times p_max (<= 1); the soft mixture's weights sum to < 1 where experts fail the threshold
+        assert all(0 < v <= 1.0 + 1e-6 for v in copies), copies
+        # zeroing half of each matrix shrinks the output; rescaling by 1/(1-r) undoes part of it
+        assert all(m < c for m, c in zip(r["modes"]["mask"][routing], copies))
+        assert all(m < s for m, s in zip(r["modes"]["mask"][routing], r["modes"]["mask-rescale"][routing]))
+    assert "mask-rescale" in proc.stdout
+
+
+def test_spawn_scale_refuses_a_spawned_checkpoint(lm_data, evomoe_checkpoints):
+    _, after = evomoe_checkpoints
+    proc = script("spawn_scale.py", lm_data, "--path", after, check=False)
+    assert proc.returncode != 0 and "before the spawn" in proc.stderr
+
+
+def test_evaluate_routing_three_ways(lm_data, evomoe_checkpoints, tmp_path):
+    _, last = evomoe_checkpoints
+    out = tmp_path / "routing.json"
+    script("evaluate_routing.py", lm_data, "--path", last, "--draws", "2", "--max-batches", "4", "--json", out)
+    r = json.loads(out.read_text())
+    assert r["phase"] == 2
+    for routing in ("argmax", "sample", "softmax"):
+        assert 0 < r[routing]["loss"] < 20 and r[routing]["ppl"] == pytest.approx(2 ** r[routing]["loss"])
+    assert 0 < r["sample"]["hard_eval_agree_pct"] <= 100 and len(r["sample"]["hard_eval_agree_pct_per_layer"]) >= 1
+    assert "hard_eval_agree_pct" not in r["argmax"]
+    # three routings of the same weights give three different losses
+    assert len({round(r[k]["loss"], 6) for k in ("argmax", "sample", "softmax")}) == 3
+
+
+def test_evaluate_routing_refuses_a_checkpoint_before_the_spawn(lm_data, evomoe_checkpoints):
+    before, _ = evomoe_checkpoints
+    proc = script("evaluate_routing.py", lm_data, "--path", before, check=False)
+    assert proc.returncode != 0 and "before the spawn" in proc.stderr

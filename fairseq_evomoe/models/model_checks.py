@@ -67,6 +67,8 @@ def check_model_against_task(args, task) -> None:
     max_update = getattr(args, "max_update", 0) or 0
     never_spawned = diversify > 0 and max_update and diversify >= max_update
     plain_task = diversify > 0 and not getattr(task, "drives_evomoe_phases", False)
+    # read by the layers (DiversifyPlan.plain_task): they spawn on their own, outside the optimizer
+    args.evomoe_plain_task = type(task).__name__ if plain_task else None
     if (never_spawned or plain_task) and not getattr(args, "moe_rerun_schedules", False):
         restored = restored_checkpoint(args)
         if restored is not None and experts_spawned_in(restored):
@@ -79,7 +81,8 @@ def check_model_against_task(args, task) -> None:
         logging.getLogger(__name__).warning(
             f"--evomoe-diversify-updates {args.evomoe_diversify_updates} with task {type(task).__name__}: if you train, "
             "use --task evomoe_translation, evomoe_language_modeling or evomoe_masked_lm; other tasks spawn the "
-            "experts on schedule but leave the optimizer moments of the spawned weights unset"
+            "experts on schedule but leave the optimizer moments of the spawned weights unset, and cannot train "
+            "under --fp16/--bf16 (refused at the first training step)"
         )
     if never_spawned:
         raise ValueError(

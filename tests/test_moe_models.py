@@ -113,6 +113,11 @@ def test_fully_sharded_with_expert_parallelism_is_refused_before_fairseq_needs_f
 
     import fairseq_cli.train as train
     from conftest import USER_DIR
+    from hydra.version import VersionBase, __compat_version__
+
+    # fairseq's convert_namespace_to_omegaconf uses hydra.experimental, which refuses to run once a
+    # test in this process composed a config with version_base=None (a process-wide setting)
+    monkeypatch.setattr(VersionBase.instance(), "version_base", __compat_version__)
 
     def fsdp_enable_wrap(cfg):
         raise ReachedFSDP

@@ -8,7 +8,13 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["fairseq_evomoe", "fairseq_evomoe.*"]),
-    python_requires=">=3.8",
+    # the README's versions: 3.11 (fairseq-fixed; what CI tests) and 3.10 (fairseq 0.12.2)
+    python_requires=">=3.10,<3.12",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+    ],
     install_requires=[
         # official fairseq cannot be imported on Python >= 3.11; fairseq-fixed is the maintained fork
         'fairseq-fixed==0.12.3.1; python_version >= "3.11"',

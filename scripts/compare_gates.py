@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The EvoMoE paper's comparison at small scale, on real data: every gate trained with the same
-model, data, number of updates and seeds, then evaluated; writes a Markdown report with plots.
+model, data, number of updates and seeds, then evaluated; writes a Markdown report with plots
+(<work dir>/report.md and report_plots/, or wherever --results says; nothing goes into docs/ unless
+--results names a file there).
 
 Tasks
   lm   GPT-style MoE language model on WikiText-2 (sentencepiece 4k vocabulary); metric: validation

@@ -233,3 +233,67 @@ def test_spawn_reaches_the_fp32_master_copies(kind):
     assert (w.abs() < 5e-3).float().mean() > 0.4  # the mask's zeros: one Adam step moves them by ~lr
     assert (w - spawned["experts.fc1_weight"].float()).abs().max() < 0.01
     assert (layer.gate.router.wg.weight.detach() - spawned["gate.router.wg.weight"]).float().abs().max() < 0.01
+
+
+def test_a_plain_tasks_own_spawn_is_undone_by_fp32_master_copies():
+    """Why the check below exists. Under a plain task the layer spawns on its own (set_num_updates),
+    into the model's weights only; fairseq's FP16Optimizer (--bf16, --fp16: here per parameter)
+    steps fp32 master copies still holding the base expert and writes them back into the model.
+    (Here in bf16, which fairseq also runs on the CPU: of fp32 weights the masters would be the
+    weights themselves.)"""
+    layer = diversify_layer().to(torch.bfloat16)
+    layer.plan = replace(layer.plan, updates=1)
+    layer.train()
+    base = layer.experts.fc1_weight[0].detach().float()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    opt = fp16_optimizer("per_param", params)
+    layer.set_num_updates(1)  # what fairseq's task.train_step does first
+    assert layer.is_spawned and (layer.experts.fc1_weight == 0).float().mean() > 0.4  # the mask's zeros
+    opt.zero_grad()
+    opt.backward(layer(torch.randn(8, M, dtype=torch.bfloat16)).float().pow(2).sum())
+    opt.step()
+    w = layer.experts.fc1_weight.detach().float()
+    assert (w == 0).float().mean() < 0.01 and all((w[e] - base).abs().max() < 0.01 for e in range(E)), \
+        "every expert is the base expert again"
+
+
+def test_a_plain_task_refuses_to_train_half_precision_weights_towards_its_own_spawn():
+    """The MoE models tell their EvoMoE layers the task's name when it is not an evomoe_* task; a
+    training forward with fp16/bf16 weights then stops, before any update, with a message naming the
+    options. fp32 training (the layers' own spawn stays), evaluation (generation loads EvoMoE
+    checkpoints with plain tasks) and the evomoe_* tasks go on."""
+    from fairseq import options
+    from fairseq.data import Dictionary
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    from fairseq_evomoe.evomoe.controller import diversifying_layers
+
+    vocab = Dictionary()
+    for i in range(40):
+        vocab.add_symbol(f"w{i}")
+
+    def build(evomoe_task: bool):
+        class Task:
+            source_dictionary = target_dictionary = vocab
+            drives_evomoe_phases = evomoe_task  # what the evomoe_* tasks declare
+
+        argv = ["/nonexistent", "--task", "language_modeling", "--arch", "transformer_lm_evomoe_tiny",
+                "--max-update", "100", "--fp16"]
+        args = options.parse_args_and_arch(options.get_training_parser(), argv)
+        torch.manual_seed(0)
+        return ARCH_MODEL_REGISTRY[args.arch].build_model(args, Task())
+
+    tokens = torch.randint(4, len(vocab), (2, 8))
+    plain = build(evomoe_task=False)
+    assert [m.plan.plain_task for m in diversifying_layers(plain)] == ["Task"]
+    plain.train()(tokens)
+    for dtype in (torch.float16, torch.bfloat16):
+        model = build(evomoe_task=False).to(dtype)
+        with pytest.raises(ValueError, match=r"--evomoe-diversify-updates \(10\) with --fp16/--bf16 needs an "
+                           r"evomoe_\* task \(--task evomoe_translation, evomoe_language_modeling or evomoe_masked_lm\), "
+                           r"not Task: .* fp32 master copies .* base expert"):
+            model.train()(tokens)
+        model.eval()(tokens)
+    evomoe = build(evomoe_task=True).to(torch.bfloat16)
+    assert [m.plan.plain_task for m in diversifying_layers(evomoe)] == [None]
+    evomoe.train()(tokens)

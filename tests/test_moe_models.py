@@ -99,6 +99,58 @@ def test_options_that_cannot_work_with_expert_parallelism_are_refused(monkeypatc
     model_checks.check_expert_parallel_options(args)
 
 
+class ReachedFSDP(Exception):
+    """fairseq-train opened FSDP's wrapping context, the first thing that needs fairscale."""
+
+
+def test_fully_sharded_with_expert_parallelism_is_refused_before_fairseq_needs_fairscale(tmp_path, monkeypatch):
+    """fairseq-train opens FSDP's wrapping context (which imports fairscale) before it builds the model,
+    so where fairscale is not installed a refusal at model build never showed: fairseq stopped with
+    "Please install fairscale". The plugin refuses while fairseq-train parses the command line. Here
+    fairseq's `call_main` runs `main` in this process (nothing starts the workers) and its FSDP context
+    raises ReachedFSDP."""
+    import sys
+
+    import fairseq_cli.train as train
+    from conftest import USER_DIR
+    from hydra.version import VersionBase, __compat_version__
+
+    # fairseq's convert_namespace_to_omegaconf uses hydra.experimental, which refuses to run once a
+    # test in this process composed a config with version_base=None (a process-wide setting)
+    monkeypatch.setattr(VersionBase.instance(), "version_base", __compat_version__)
+
+    def fsdp_enable_wrap(cfg):
+        raise ReachedFSDP
+
+    monkeypatch.setattr(train, "fsdp_enable_wrap", fsdp_enable_wrap)
+    monkeypatch.setattr(train.distributed_utils, "call_main", lambda cfg, main: main(cfg))
+    for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    (tmp_path / "dict.txt").write_text("".join(f"w{i} 1\n" for i in range(10)))
+
+    def train_with(*extra):
+        monkeypatch.setattr(sys, "argv", [
+            "fairseq-train", str(tmp_path), "--user-dir", USER_DIR, "--task", "language_modeling",
+            "--arch", "transformer_lm_moe_tiny", "--max-tokens", "64", "--save-dir", str(tmp_path / "ckpt"),
+            "--cpu", "--ddp-backend", "fully_sharded", *extra])
+        train.cli_main()
+
+    refused = "--ddp-backend fully_sharded cannot be used with expert parallelism over {} workers: FSDP"
+    with pytest.raises(ValueError, match=refused.format(2)):
+        train_with("--distributed-world-size", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # torchrun's environment: fairseq takes its WORLD_SIZE
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match=refused.format(4)):
+        train_with("--distributed-world-size", "2")
+    # fairseq's own business: one worker (fairseq ignores torchrun's environment then), or no MoE layer
+    with pytest.raises(ReachedFSDP):
+        train_with("--distributed-world-size", "1")
+    with pytest.raises(ReachedFSDP):
+        train_with("--distributed-world-size", "2", "--moe-freq", "0")
+
+
 def test_torchrun_entry_point_keeps_the_users_options():
     from fairseq_evomoe.distributed.train import torchrun_args
 

@@ -12,7 +12,8 @@ from fairseq.data import Dictionary
 from fairseq.models import ARCH_MODEL_REGISTRY
 
 import fairseq_evomoe  # noqa: F401  (registers the architectures)
-from fairseq_evomoe.models.checkpoint_checks import CheckpointMismatchError
+from fairseq_evomoe.models.checkpoint_checks import CheckpointMismatchError, gate_states
+from fairseq_evomoe.moe.gates.base import GATE_REGISTRY, Gate, register_gate
 from fairseq_evomoe.moe.layer import moe_layers
 
 LM = ("language_modeling", "transformer_lm_moe_tiny")
@@ -149,6 +150,30 @@ def test_older_checkpoints_with_the_legacy_buffers_in_every_layer_still_load():
     with pytest.raises(CheckpointMismatchError) as err:  # the buffers do not hide a real mismatch
         _loads(dict(state), "--moe-freq", "1", "--moe-expert-count", "2")
     assert "the checkpoint has 4 experts in each MoE layer; this run asked for 2" in str(err.value)
+
+
+@pytest.mark.parametrize("gate", sorted(GATE_REGISTRY))
+def test_every_gate_declares_the_state_it_writes_and_the_older_states_it_loads(gate):
+    """The check names a checkpoint's gate by the state keys each registered gate declares
+    (`state_keys`): the first set is what the gate writes today, the others older sets it still loads."""
+    declared = GATE_REGISTRY[gate].cls.state_keys
+    assert declared and len(set(declared)) == len(declared), f"gate {gate} declares {declared}"
+    model = build("--moe-gate", gate)
+    prefix = "decoder.layers.1.moe.gate."
+    state = model.state_dict()
+    assert frozenset(k[len(prefix):] for k in state if k.startswith(prefix)) == declared[0]
+    assert gate in gate_states()[declared[0]]
+    for older in declared[1:]:
+        old_state = {k: v for k, v in state.items() if not k.startswith(prefix) or k[len(prefix):] in older}
+        _loads(old_state, "--moe-gate", gate)
+
+
+def test_a_gate_that_declares_no_state_keys_is_not_registered():
+    with pytest.raises(ValueError, match="gate 'undeclared' \\(Undeclared\\) declares no state_keys"):
+        @register_gate("undeclared")
+        class Undeclared(Gate):
+            pass
+    assert "undeclared" not in GATE_REGISTRY
 
 
 def _shard(model, world_size, rank):

@@ -319,6 +319,25 @@ def test_compare_gates_paths_are_absolute(tmp_path, monkeypatch, capsys):
     assert "--data-dir no-such-folder is not a folder" in capsys.readouterr().err
 
 
+def test_compare_gates_writes_no_report_into_docs_unless_asked(tmp_path, monkeypatch, capsys):
+    """The report defaults to <work dir>/report.md (plots next to it), so a comparison started in the
+    repository root leaves the hand-written docs/results.md alone; --results still writes anywhere."""
+    cg = _import_script("compare_gates")
+    _fake_compare_tools(monkeypatch)
+    monkeypatch.chdir(REPO)
+    a = cg.parse_args(["--tasks", "lm"])
+    assert Path(a.results) == REPO / "runs" / "compare_gates" / "report.md"
+    assert REPO / "docs" not in Path(a.results).parents
+    work = tmp_path / "work"
+    assert Path(cg.parse_args(["--work-dir", str(work)]).results) == work / "report.md"
+    assert Path(cg.parse_args(["--results", str(tmp_path / "docs" / "r.md")]).results) == tmp_path / "docs" / "r.md"
+
+    assert cg.main(["--tasks", "lm", "--gates", "switch", "--seeds", "1", "--updates", "20", "--work-dir", str(work),
+                    "--data-dir", str(shared_data_dir())]) == 0
+    assert "| switch |" in (work / "report.md").read_text()
+    capsys.readouterr()
+
+
 def _quickstart_stubs(tmp_path):
     """A PYTHON whose folder holds stub fairseq tools: preprocessing writes the binary marker files,
     training writes a checkpoint and a log, then fails (the rest of the quickstart is not needed)."""

@@ -102,6 +102,9 @@ class DTSOptions(FairseqDataclass):
 
 @register_gate("dts", options=DTSOptions)
 class DenseToSparseGate(RouterGate):
+    state_keys = (frozenset({"router.wg.weight", "schedule_updates", "schedule_position"}),
+                  frozenset({"router.wg.weight", "schedule_updates"}))  # written before schedule_position
+
     def __init__(self, model_dim, num_experts, args, dictionary=None):
         super().__init__(model_dim, num_experts, args, dictionary)
         self.threshold = args.dts_threshold

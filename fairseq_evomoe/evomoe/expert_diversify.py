@@ -6,6 +6,13 @@ worker holds the base expert in all its slots (`share_base_expert`) and runs it 
 with its gradient averaged over all workers as for a dense weight. At T_div the experts are
 spawned from it (spawn.py) and from then on the layer is an ordinary MoELayer.
 
+Who spawns: the evomoe_* tasks (controller.py), which also put the spawned weights into the
+optimizer's copies and state. Under any other task (a plain one, `DiversifyPlan.plain_task`) the
+layer spawns itself in `set_num_updates`, into the model's weights only. With half-precision weights
+(--fp16/--bf16) fairseq steps fp32 master copies and writes them back after every update, which
+would undo that spawn without a word, so such a layer refuses to train (`check_spawn_reaches_optimizer`,
+at its first training forward, before any update).
+
 What a checkpoint keeps: the `spawned` flag (a resume never spawns twice, and a checkpoint from
 before the spawn routes nothing) and T_div (`spawn_update`, which a resumed run keeps whatever its
 --max-update: saved_schedule.py). A checkpoint written before the spawn loads on any number of
@@ -36,6 +43,9 @@ class DiversifyPlan:
 
     updates: int  # T_div: spawn before the training step of this update
     spawn: SpawnSettings
+    # the task's name when it is not an evomoe_* task: the layer then spawns on its own, and nothing
+    # puts the spawned weights into the optimizer's copies (None: an evomoe_* task spawns)
+    plain_task: Optional[str] = None
 
 
 class DiversifyingMoELayer(MoELayer):
@@ -83,7 +93,8 @@ class DiversifyingMoELayer(MoELayer):
         """fairseq calls this on every module before each training step and on checkpoint load.
 
         The evomoe_* tasks spawn the experts first (and fix the optimizer state); this is the
-        fallback that keeps the spawn on schedule under any other task."""
+        fallback that keeps the spawn on schedule under any other task (in fp32 or with --amp
+        only: see check_spawn_reaches_optimizer)."""
         super().set_num_updates(num_updates)
         if self.spawn_due(num_updates):
             self.spawn()
@@ -108,7 +119,25 @@ class DiversifyingMoELayer(MoELayer):
     def forward_tokens(self, x: Tensor, token_ids: Optional[Tensor]) -> Tensor:
         if self.is_spawned:
             return super().forward_tokens(x, token_ids)
+        if self.training:
+            self.check_spawn_reaches_optimizer()
         return self.base_expert_forward(x)
+
+    def check_spawn_reaches_optimizer(self) -> None:
+        """Refuse to train towards a spawn that the optimizer would undo: under a plain task with
+        half-precision weights (fairseq's --fp16/--bf16 optimizers step fp32 master copies, which
+        this layer's own spawn does not reach). Evaluation and the evomoe_* tasks never get here."""
+        dtype = self.experts.fc1_weight.dtype
+        task = self.plan.plain_task
+        if task is None or dtype not in (torch.float16, torch.bfloat16):
+            return
+        raise ValueError(
+            f"--evomoe-diversify-updates ({self.plan.updates}) with --fp16/--bf16 needs an evomoe_* task "
+            f"(--task evomoe_translation, evomoe_language_modeling or evomoe_masked_lm), not {task}: under {task} "
+            f"the MoE layers spawn the experts themselves at update {self.plan.updates}, into the model's "
+            f"{str(dtype).replace('torch.', '')} weights only, and fairseq's fp32 master copies of those weights would "
+            "write the base expert back at the next update; use the evomoe_* task, or train in fp32 or with --amp"
+        )
 
     def base_expert_forward(self, x: Tensor) -> Tensor:
         """The base expert (local slot 0) as a dense FFN on this worker's tokens."""

@@ -11,7 +11,8 @@ raises a ValueError that names each differing option with the checkpoint's value
 - the experts per MoE layer (dim 0 of `...moe.experts.fc1_weight`, always all E experts, also
   under expert parallelism, so it is compared with the model's global E): --moe-expert-count;
 - the experts' hidden size (dim 1 of the same tensor): --moe-expert-ffn-dim;
-- the gate, told apart by the state it keeps (`...moe.gate.*`): --moe-gate;
+- the gate, told apart by the state it keeps (`...moe.gate.*`, as each gate declares it in its
+  `state_keys`): --moe-gate;
 - the expert-diversify phase (EvoMoE's `...moe.spawned` flag): --evomoe-diversify-updates.
 
 Only what torch would reject is reported: a checkpoint that loads today keeps loading. So two gates
@@ -29,20 +30,20 @@ import torch
 import torch.nn as nn
 
 from ..evomoe.expert_diversify import DiversifyingMoELayer
+from ..moe.gates.base import GATE_REGISTRY
 from ..moe.layer import MoELayer
 from ..moe.options import moe_layer_indices
 from .moe_stack import MoETransformerDecoder, MoETransformerEncoder
 
-# How each gate's state looks in a checkpoint (the keys under `...moe.gate.`). Several gates keep
-# exactly the same state and cannot be told apart there; they also load into one another.
-GATE_STATES: Dict[FrozenSet[str], Tuple[str, ...]] = {
-    frozenset({"router.wg.weight"}): ("top1", "top2", "base", "dense_moe"),
-    frozenset({"router.wg.weight", "schedule_updates", "schedule_position"}): ("dts",),
-    frozenset({"router.wg.weight", "schedule_updates"}): ("dts",),  # written before schedule_position
-    frozenset({"table"}): ("hash",),
-    frozenset({"router.wg.weight", "distill_embed.weight", "distill_proj.weight", "frozen_table", "frozen"}):
-        ("stablemoe",),
-}
+def gate_states() -> Dict[FrozenSet[str], Tuple[str, ...]]:
+    """How each registered gate's state looks in a checkpoint (the keys under `...moe.gate.`, every
+    set the gate declares in `state_keys`) -> the gates that keep it, in registration order. Several
+    gates keep exactly the same state and cannot be told apart there; they also load into one another."""
+    states: Dict[FrozenSet[str], Tuple[str, ...]] = {}
+    for name, spec in GATE_REGISTRY.items():
+        for keys in spec.cls.state_keys:
+            states[keys] = states.get(keys, ()) + (name,)
+    return states
 
 
 class CheckpointMismatchError(ValueError):
@@ -193,7 +194,7 @@ def compare(theirs: StackLayout, mine: StackLayout, strict: bool, findings: List
     gates = [(t, m) for t, m in pairs if gate_differs(t, m)]
     if gates:
         t, m = gates[0]
-        names = GATE_STATES.get(t.gate_keys)
+        names = gate_states().get(t.gate_keys)
         theirs_gate = (f"the {names[0]} gate" if names and len(names) == 1 else
                        f"one of the gates {', '.join(names[:-1])} or {names[-1]}, which keep the same state"
                        if names else "a gate this check does not know")

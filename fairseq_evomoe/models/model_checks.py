@@ -1,4 +1,5 @@
-"""Checks that need both the model options and the task, run before a model is built."""
+"""Checks of the model options: those that need the task, run before a model is built, and those
+that must come before fairseq itself builds anything (`moe_architecture`)."""
 
 import argparse
 import logging
@@ -11,6 +12,41 @@ from ..evomoe.options import validate_spawn_options
 from ..evomoe.schedule import resolve_updates
 from ..moe import options as moe_options
 from ..moe.parallel.placement import distributed_world
+
+
+def moe_architecture(args) -> None:
+    """What every MoE architecture function does first: fill in the MoE options' defaults, and
+    refuse what fairseq would otherwise stumble over before the model is built. fairseq-train calls
+    the architecture function when it parses the command line, before torch.distributed is set up
+    and before it opens FSDP's wrapping context around the model build (which needs fairscale)."""
+    moe_options.apply_defaults(args)
+    if getattr(args, "ddp_backend", None) == "fully_sharded" and args.moe_freq:
+        check_fully_sharded(expected_world_size(args))
+
+
+def expected_world_size(args) -> int:
+    """The number of workers of this run: torch.distributed's once it is set up; before that, the
+    one fairseq will set up (fairseq.distributed.utils.infer_init_method): --distributed-world-size,
+    or torchrun's WORLD_SIZE where fairseq takes the launch from torchrun's environment."""
+    world = distributed_world()
+    if world is not None:
+        return world[0]
+    size = getattr(args, "distributed_world_size", 1) or 1
+    torchrun = all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
+    if size > 1 and getattr(args, "distributed_init_method", None) is None and torchrun:
+        return int(os.environ["WORLD_SIZE"])
+    return size
+
+
+def check_fully_sharded(world_size: int) -> None:
+    """--ddp-backend fully_sharded with an MoE model on `world_size` workers."""
+    if world_size > 1:
+        raise ValueError(
+            f"--ddp-backend fully_sharded cannot be used with expert parallelism over {world_size} workers: FSDP would "
+            "flatten and shard each worker's own experts as if they were replicated weights, and gather them "
+            "across workers that hold different experts; use --ddp-backend c10d (or legacy_ddp), with "
+            "--memory-efficient-fp16 to save memory (docs/distributed.md)"
+        )
 
 
 def prepare_moe_args(args, task, architecture, stacks):
@@ -31,6 +67,8 @@ def check_model_against_task(args, task) -> None:
     max_update = getattr(args, "max_update", 0) or 0
     never_spawned = diversify > 0 and max_update and diversify >= max_update
     plain_task = diversify > 0 and not getattr(task, "drives_evomoe_phases", False)
+    # read by the layers (DiversifyPlan.plain_task): they spawn on their own, outside the optimizer
+    args.evomoe_plain_task = type(task).__name__ if plain_task else None
     if (never_spawned or plain_task) and not getattr(args, "moe_rerun_schedules", False):
         restored = restored_checkpoint(args)
         if restored is not None and experts_spawned_in(restored):
@@ -43,7 +81,8 @@ def check_model_against_task(args, task) -> None:
         logging.getLogger(__name__).warning(
             f"--evomoe-diversify-updates {args.evomoe_diversify_updates} with task {type(task).__name__}: if you train, "
             "use --task evomoe_translation, evomoe_language_modeling or evomoe_masked_lm; other tasks spawn the "
-            "experts on schedule but leave the optimizer moments of the spawned weights unset"
+            "experts on schedule but leave the optimizer moments of the spawned weights unset, and cannot train "
+            "under --fp16/--bf16 (refused at the first training step)"
         )
     if never_spawned:
         raise ValueError(
@@ -92,12 +131,7 @@ def check_expert_parallel_options(args) -> None:
                 "waiting in its all_to_all); use 0, or train on one worker"
             )
     if getattr(args, "ddp_backend", None) == "fully_sharded":
-        raise ValueError(
-            f"--ddp-backend fully_sharded cannot be used with expert parallelism over {world[0]} workers: FSDP would "
-            "flatten and shard each worker's own experts as if they were replicated weights, and gather them "
-            "across workers that hold different experts; use --ddp-backend c10d (or legacy_ddp), with "
-            "--memory-efficient-fp16 to save memory (docs/distributed.md)"
-        )
+        check_fully_sharded(world[0])
     flat_fp16 = (getattr(args, "fp16", False) and not getattr(args, "bf16", False)  # --bf16 is never flat
                  and not getattr(args, "memory_efficient_fp16", False) and not getattr(args, "amp", False)
                  and not getattr(args, "fp16_no_flatten_grads", False))

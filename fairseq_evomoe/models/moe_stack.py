@@ -80,7 +80,7 @@ def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, dictionary) -> MoEL
     )
     diversify_updates = resolve_updates(cfg.evomoe_diversify_updates, getattr(cfg, "max_update", 0) or 0, "--evomoe-diversify-updates")
     if diversify_updates > 0:
-        plan = DiversifyPlan(diversify_updates, SpawnSettings.from_args(cfg))
+        plan = DiversifyPlan(diversify_updates, SpawnSettings.from_args(cfg), getattr(cfg, "evomoe_plain_task", None))
         return DiversifyingMoELayer(gate, experts, plan, **layer_options)
     return MoELayer(gate, experts, **layer_options)
 

@@ -12,7 +12,7 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from ..moe import options as moe_options
 from ..moe.parallel.checkpoint import ExpertParallelModelMixin
 from .checkpoint_checks import MoECheckpointChecksMixin
-from .model_checks import prepare_moe_args
+from .model_checks import moe_architecture, prepare_moe_args
 from .moe_stack import MoETransformerEncoder
 
 
@@ -46,7 +46,7 @@ class RobertaMoEModel(MoECheckpointChecksMixin, ExpertParallelModelMixin, Robert
 
 @register_model_architecture("roberta_moe", "roberta_moe")
 def base_roberta_moe_architecture(args):
-    moe_options.apply_defaults(args)
+    moe_architecture(args)
     roberta_base_architecture(args)
 
 
@@ -57,7 +57,7 @@ def roberta_moe_base(args):
 
 @register_model_architecture("roberta_moe", "roberta_moe_large")
 def roberta_moe_large(args):
-    moe_options.apply_defaults(args)
+    moe_architecture(args)
     roberta_large_architecture(args)
 
 

@@ -7,7 +7,7 @@ from fairseq.models.transformer_lm import TransformerLanguageModel, TransformerL
 from ..moe import options as moe_options
 from ..moe.parallel.checkpoint import ExpertParallelModelMixin
 from .checkpoint_checks import MoECheckpointChecksMixin
-from .model_checks import prepare_moe_args
+from .model_checks import moe_architecture, prepare_moe_args
 from .moe_stack import MoETransformerDecoder
 
 
@@ -31,7 +31,7 @@ class TransformerLanguageModelMoE(MoECheckpointChecksMixin, ExpertParallelModelM
 
 @register_model_architecture("transformer_lm_moe", "transformer_lm_moe")
 def base_lm_moe_architecture(args):
-    moe_options.apply_defaults(args)
+    moe_architecture(args)
     base_lm_architecture(args)
 
 

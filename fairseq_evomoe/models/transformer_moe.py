@@ -12,7 +12,7 @@ from ..moe import options as moe_options
 from ..moe.parallel.checkpoint import ExpertParallelModelMixin
 from .checkpoint_checks import MoECheckpointChecksMixin
 from .moe_stack import MoETransformerDecoder, MoETransformerEncoder
-from .model_checks import prepare_moe_args
+from .model_checks import moe_architecture, prepare_moe_args
 
 
 @register_model("transformer_moe")
@@ -41,7 +41,7 @@ class TransformerMoEModel(MoECheckpointChecksMixin, ExpertParallelModelMixin, Tr
 
 @register_model_architecture("transformer_moe", "transformer_moe")
 def base_moe_architecture(args):
-    moe_options.apply_defaults(args)
+    moe_architecture(args)
     base_architecture(args)
 
 

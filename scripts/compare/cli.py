@@ -38,8 +38,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="shipped corpora (default: $EVOMOE_DATA or ../shared/data "
                    "when present)")
     p.add_argument("--work-dir", default="runs/compare_gates", help="runs, checkpoints, logs (default runs/compare_gates)")
-    p.add_argument("--results", default="docs/results.md", help="Markdown report (default docs/results.md); plots "
-                   "go to <results stem>_plots/ next to it")
+    p.add_argument("--results", default=None, help="Markdown report (default <work dir>/report.md; the "
+                   "hand-written docs/results.md is written only when named here); plots go to <results stem>_plots/ "
+                   "next to it")
     p.add_argument("--note", default="", help="a remark printed at the top of the report")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (default 1); on CPU each "
                    "gets cores / jobs threads unless --threads is given, and the per-run wall-clock in the report "
@@ -57,7 +58,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[List[str]], description: str) -> argparse.Namespace:
     """Parsed options: comma-separated lists split (seeds as ints), values checked (an error names
-    the option), --data-dir defaulted to $EVOMOE_DATA or ../shared/data, and all paths absolute."""
+    the option), --data-dir defaulted to $EVOMOE_DATA or ../shared/data, --results to
+    <work dir>/report.md, and all paths absolute."""
     p = build_parser(description)
     a = p.parse_args(argv)
     a.tasks = [t for t in a.tasks.split(",") if t]
@@ -93,5 +95,5 @@ def parse_args(argv: Optional[List[str]], description: str) -> argparse.Namespac
         default = os.environ.get("EVOMOE_DATA") or str(REPO.parent / "shared" / "data")
         a.data_dir = Path(default).resolve() if Path(default).is_dir() else None
     a.work_dir = Path(a.work_dir).resolve()
-    a.results = str(Path(a.results).resolve())
+    a.results = str(Path(a.results).resolve() if a.results else a.work_dir / "report.md")
     return a

@@ -9,7 +9,7 @@ Gates never move tokens; `moe.dispatch` applies capacity and groups the assignme
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Type
+from typing import Callable, Dict, FrozenSet, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -72,6 +72,10 @@ class Gate(nn.Module):
     # whether this forward should also compute the statistics that are only wanted on steps that
     # log (set through MoELayer.collect_stats; never at generation)
     collect_stats: bool = False
+    # The keys of the gate's state in a checkpoint (its state_dict, found under `...moe.gate.`): the
+    # set it writes first, then older sets it still loads. models/checkpoint_checks.py tells which
+    # gate a checkpoint was trained with by them; register_gate refuses a gate that declares none.
+    state_keys: Tuple[FrozenSet[str], ...] = ()
 
     def __init__(self, model_dim: int, num_experts: int, args, dictionary=None):
         super().__init__()
@@ -167,12 +171,15 @@ def register_gate(name: str, options: Optional[type] = None) -> Callable[[Type[G
     """Class decorator: make a gate selectable with `--moe-gate NAME`.
 
     `options` is a dataclass whose fields (with `help=` metadata) become command-line options of
-    every MoE architecture.
+    every MoE architecture. The class declares its checkpoint state in `state_keys`.
     """
 
     def wrapper(cls: Type[Gate]) -> Type[Gate]:
         if name in GATE_REGISTRY:
             raise ValueError(f"gate {name!r} is registered twice")
+        if not cls.state_keys:
+            raise ValueError(f"gate {name!r} ({cls.__name__}) declares no state_keys: set it to the keys of its "
+                             "state_dict (frozenset() for a gate without state), so checkpoints can name it")
         cls.name = name
         GATE_REGISTRY[name] = GateSpec(cls, options)
         return cls

@@ -63,6 +63,8 @@ class HashOptions(FairseqDataclass):
 
 @register_gate("hash", options=HashOptions)
 class HashGate(Gate):
+    state_keys = (frozenset({"table"}),)
+
     def __init__(self, model_dim, num_experts, args, dictionary=None):
         super().__init__(model_dim, num_experts, args, dictionary)
         self.mode = getattr(args, "hash_mode", "random")

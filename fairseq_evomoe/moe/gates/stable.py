@@ -58,6 +58,8 @@ class StableMoEOptions(FairseqDataclass):
 
 @register_gate("stablemoe", options=StableMoEOptions)
 class StableMoEGate(RouterGate):
+    state_keys = (frozenset({"router.wg.weight", "distill_embed.weight", "distill_proj.weight", "frozen_table", "frozen"}),)
+
     def __init__(self, model_dim, num_experts, args, dictionary=None):
         super().__init__(model_dim, num_experts, args, dictionary)
         self.stage2_update = getattr(args, "stablemoe_stage2_update", 10000)

@@ -27,6 +27,8 @@ def gumbel_noise_like(x: Tensor) -> Tensor:
 class RouterGate(Gate):
     """A gate with a learned linear router (fp32 logits, jitter, non-finite guard)."""
 
+    state_keys = (frozenset({"router.wg.weight"}),)
+
     def __init__(self, model_dim, num_experts, args, dictionary=None):
         super().__init__(model_dim, num_experts, args, dictionary)
         self.router = LinearRouter(model_dim, num_experts, jitter=getattr(args, "moe_router_jitter", 0.0))

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""The diagnosis study's router table: per run of a store, the router statistics of its training log
+by phase, kept next to its result as router.json (the training logs themselves are not committed);
+then, per gate, the mean +- std over seeds of those statistics beside the run's result.
+
+    python benchmarks/diagnosis/summarize.py [--store benchmarks/diagnosis/runs] [--task lm] [--out FILE]
+
+Per phase (EvoMoE: 1 soft, 2 hard; other gates: all lines), from the training log lines:
+  logit_std   moe_router_logit_std, mean over the phase's lines (nats; Gumbel noise's std is 1.28)
+  top_gap     moe_router_top_gap, the same
+  agree       moe_hard_eval_agree_pct, hard phase: % of tokens trained on the expert evaluation picks
+Beside them, from result.json: validation perplexity, final validation loss and whole-run expert
+compute. A run without a training log keeps the router.json it has (none for runs older than the
+statistics)."""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "scripts"))  # plot_routing
+
+STATS = {"logit_std": "moe_router_logit_std", "top_gap": "moe_router_top_gap", "agree": "moe_hard_eval_agree_pct"}
+
+
+def router_stats(train_log: Path) -> dict:
+    """{phase: {stat: mean over the phase's training lines}} ("all" for lines without moe_phase)."""
+    from plot_routing import parse_log
+
+    by_phase: dict = {}
+    for rec in parse_log(train_log)["train"]:
+        phase = str(int(rec["moe_phase"])) if rec.get("moe_phase") is not None else "all"
+        for name, key in STATS.items():
+            if rec.get(key) is not None:
+                by_phase.setdefault(phase, {}).setdefault(name, []).append(rec[key])
+    return {p: {n: statistics.mean(v) for n, v in stats.items()} for p, stats in sorted(by_phase.items())}
+
+
+def collect(store: Path, task: str) -> dict:
+    """{gate: [per-seed rows]}; writes router.json next to every result.json with a training log."""
+    rows: dict = {}
+    for result_file in sorted((store / task).glob("*/seed*/result.json")):
+        run = result_file.parent
+        if (run / "train.log").is_file():
+            (run / "router.json").write_text(json.dumps(router_stats(run / "train.log"), indent=1) + "\n")
+        router = json.loads((run / "router.json").read_text()) if (run / "router.json").is_file() else {}
+        result = json.loads(result_file.read_text())
+        curve = result.get("train_curve") or {}
+        compute = (curve.get("moe_expert_compute") or [None])[-1]
+        rows.setdefault(run.parent.name, []).append({
+            "seed": result["seed"], "ppl": result.get("ppl"), "final_valid_loss": result.get("final_valid_loss"),
+            "expert_compute_m": compute / 1e6 if compute else None, "router": router})
+    return rows
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 seed)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def phases(router: dict) -> tuple:
+    """(soft-phase stats, hard-phase stats) of an EvoMoE run; (None, whole-run stats) of another gate
+    (whose lines all log phase 1)."""
+    if "2" in router:
+        return router.get("1"), router["2"]
+    return None, router.get("1") or router.get("all")
+
+
+def table(rows: dict) -> str:
+    head = ("| gate | seeds | valid ppl | final valid loss | expert compute (M) | logit std, soft | top gap, soft | "
+            "logit std, hard (others: whole run) | top gap, hard (others) | hard: tokens trained on the eval expert (%) |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for gate, runs in rows.items():
+        def stat(which, name):
+            return mean_std([(phases(r["router"])[which] or {}).get(name) for r in runs])
+        out.append(f"| {gate} | {', '.join(str(r['seed']) for r in runs)} | {mean_std([r['ppl'] for r in runs])} | "
+                   f"{mean_std([r['final_valid_loss'] for r in runs])} | {mean_std([r['expert_compute_m'] for r in runs])} | "
+                   f"{stat(0, 'logit_std')} | {stat(0, 'top_gap')} | {stat(1, 'logit_std')} | {stat(1, 'top_gap')} | "
+                   f"{stat(1, 'agree')} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default=str(HERE / "runs"), help="the run store (default benchmarks/diagnosis/runs)")
+    p.add_argument("--task", default="lm", choices=["lm", "mt"], help="task folder of the store (default lm)")
+    p.add_argument("--out", default=None, help="also write the table to this file")
+    a = p.parse_args(argv)
+    text = table(collect(Path(a.store), a.task))
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -97,3 +97,13 @@ def _num(v):
         return float(v)
     except (TypeError, ValueError):
         return v
+
+
+@pytest.fixture
+def fairseq_config_conversion(monkeypatch):
+    """Lets fairseq's convert_namespace_to_omegaconf run in this process: it uses hydra.experimental,
+    which refuses to run once a test composed a config with version_base=None (test_configs.py; a
+    process-wide setting), so hydra's compatibility version is set for the test's duration."""
+    from hydra.version import VersionBase, __compat_version__
+
+    monkeypatch.setattr(VersionBase.instance(), "version_base", __compat_version__)

@@ -103,7 +103,7 @@ class ReachedFSDP(Exception):
     """fairseq-train opened FSDP's wrapping context, the first thing that needs fairscale."""
 
 
-def test_fully_sharded_with_expert_parallelism_is_refused_before_fairseq_needs_fairscale(tmp_path, monkeypatch):
+def test_fully_sharded_with_expert_parallelism_is_refused_before_fairseq_needs_fairscale(tmp_path, monkeypatch, fairseq_config_conversion):
     """fairseq-train opens FSDP's wrapping context (which imports fairscale) before it builds the model,
     so where fairscale is not installed a refusal at model build never showed: fairseq stopped with
     "Please install fairscale". The plugin refuses while fairseq-train parses the command line. Here
@@ -113,11 +113,6 @@ def test_fully_sharded_with_expert_parallelism_is_refused_before_fairseq_needs_f
 
     import fairseq_cli.train as train
     from conftest import USER_DIR
-    from hydra.version import VersionBase, __compat_version__
-
-    # fairseq's convert_namespace_to_omegaconf uses hydra.experimental, which refuses to run once a
-    # test in this process composed a config with version_base=None (a process-wide setting)
-    monkeypatch.setattr(VersionBase.instance(), "version_base", __compat_version__)
 
     def fsdp_enable_wrap(cfg):
         raise ReachedFSDP

@@ -246,7 +246,7 @@ def test_evaluation_routings_for_diagnosis(phase_update):
 
 
 @pytest.mark.parametrize("criterion", ["moe_cross_entropy", "moe_label_smoothed_cross_entropy"])
-def test_the_criterion_reads_fairseq_trains_log_interval(lm_data, criterion):
+def test_the_criterion_reads_fairseq_trains_log_interval(lm_data, criterion, fairseq_config_conversion):
     """fairseq-train's --log-interval reaches the MoE criteria (through the config), so they know
     which updates log; so does --moe-soft-gate-loss-wt."""
     from fairseq import options, tasks

@@ -39,7 +39,7 @@ import torch
 from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
 
-from ..moe.gates.base import Routing, register_gate, router_z_loss
+from ..moe.gates.base import Routing, register_gate, router_z_loss, token_mean
 from ..moe.gates.top_k import RouterGate, gumbel_noise_like
 from .saved_schedule import saved_update_counts
 from .schedule import EvoMoESchedule, Phase
@@ -138,35 +138,39 @@ class DenseToSparseGate(RouterGate):
             state["target_experts_per_token"] = self.target_experts if self.phase == Phase.SOFT else 1.0
         return state
 
-    def forward(self, x: Tensor, token_ids=None) -> Routing:
+    def forward(self, x: Tensor, token_ids=None, valid=None) -> Routing:
         logits = self.router(x)
         probs = logits.softmax(dim=-1)
         if not self.training:
             weight, expert = probs.max(dim=-1)
-            return self._routing(x, expert, weight, probs, logits, droppable=False)
+            return self._routing(x, expert, weight, probs, logits, droppable=False, valid=valid)
         gumbel = gumbel_noise_like(logits)
         if self.phase == Phase.HARD:
             expert = (logits.detach() + gumbel).argmax(dim=-1)
             weight = probs.gather(1, expert[:, None]).squeeze(1)
-            routing = self._routing(x, expert, weight, probs, logits, droppable=True)
-            soft = self.soft_selection(((logits.detach() + gumbel) / self.tau).softmax(dim=-1))
-            routing.token_counts = {"switch_changed": (soft.sum(dim=-1) > 1).sum()}
+            routing = self._routing(x, expert, weight, probs, logits, droppable=True, valid=valid)
+            soft = self.soft_selection(((logits.detach() + gumbel) / self.tau).softmax(dim=-1), valid)
+            changed = soft.sum(dim=-1) > 1
+            routing.token_counts = {"switch_changed": (changed if valid is None else changed & valid).sum()}
             return routing
 
         y = ((logits + gumbel) / self.tau).softmax(dim=-1)
-        selected = self.soft_selection(y.detach())
+        selected = self.soft_selection(y.detach(), valid)
+        if valid is not None:  # padding rows select nothing
+            selected &= valid[:, None]
         combine = (probs if self.combine == "softmax" else y) * selected
         if self.renormalize:
             combine = combine / combine.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(combine.dtype).eps)
-        token, expert = selected.nonzero(as_tuple=True)
+        token, expert = selected.nonzero(as_tuple=True)  # the soft phase's one host read
         weight = combine[token, expert]
-        balance = self.balance_loss(combine, selected)
+        balance = self.balance_loss(combine, selected, valid)
         return Routing(token, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits), droppable=False)
 
-    def soft_selection(self, y: Tensor) -> Tensor:
-        """[S, E] bool: the experts the soft phase gives each token, from its Gumbel-softmax weights."""
+    def soft_selection(self, y: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """[S, E] bool: the experts the soft phase gives each token, from its Gumbel-softmax weights
+        (valid: the real tokens, which alone count for the scheduled budget)."""
         if self.sparsity == "scheduled":
-            selected = scheduled_selection(y, self.target_experts)
+            selected = scheduled_selection(y, self.target_experts, valid)
         else:
             selected = y > self.threshold
             selected.scatter_(1, y.argmax(dim=-1, keepdim=True), True)  # at least one expert
@@ -175,25 +179,34 @@ class DenseToSparseGate(RouterGate):
             selected &= torch.zeros_like(selected).scatter_(1, top, True)
         return selected
 
-    def _routing(self, x, expert, weight, probs, logits, droppable) -> Routing:
+    def _routing(self, x, expert, weight, probs, logits, droppable, valid) -> Routing:
         tokens = torch.arange(x.shape[0], device=x.device)
         selected = torch.nn.functional.one_hot(expert, self.num_experts).bool()
-        balance = self.balance_loss(probs * selected, selected)
-        return Routing(tokens, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits), droppable=droppable)
+        balance = self.balance_loss(probs * selected, selected, valid)
+        return Routing(tokens, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits, valid),
+                       droppable=droppable, valid=valid)
 
-    def balance_loss(self, combine: Tensor, selected: Tensor) -> Tensor:
-        """E * sum_e (mean combine weight of e) * (fraction of tokens selecting e)."""
+    def balance_loss(self, combine: Tensor, selected: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """E * sum_e (mean combine weight of e) * (fraction of tokens selecting e), over the real tokens."""
         if combine.shape[0] == 0:
             return combine.new_zeros(())
-        return self.num_experts * torch.sum(combine.mean(dim=0) * selected.float().mean(dim=0))
+        return self.num_experts * torch.sum(token_mean(combine, valid) * token_mean(selected.float(), valid))
 
 
-def scheduled_selection(y: Tensor, k: float) -> Tensor:
+def scheduled_selection(y: Tensor, k: float, valid: Optional[Tensor] = None) -> Tensor:
     """[S, E] bool: round(k * S) assignments for S tokens, each token's largest weight first, then
     the largest of the remaining weights of the whole batch (so tokens whose weights are spread
-    get more experts than tokens with one clear favourite)."""
+    get more experts than tokens with one clear favourite). With valid, S counts the real tokens
+    (on the device) and padding rows get no extra expert."""
     num_tokens, num_experts = y.shape
     selected = torch.zeros_like(y, dtype=torch.bool).scatter_(1, y.argmax(dim=-1, keepdim=True), True)
+    if valid is not None:
+        n = valid.sum()
+        extra = torch.minimum(torch.round(k * n.double()).long(), n * num_experts) - n
+        others = y.masked_fill(selected | ~valid[:, None], -1.0).reshape(-1)
+        rank = torch.empty_like(others, dtype=torch.long).scatter_(
+            0, others.argsort(descending=True, stable=True), torch.arange(others.numel(), device=y.device))
+        return selected | (rank < extra).view_as(selected)
     extra = min(int(round(k * num_tokens)), num_tokens * num_experts) - num_tokens
     if extra > 0:
         others = y.masked_fill(selected, -1.0).reshape(-1)

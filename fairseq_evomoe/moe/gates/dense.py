@@ -20,7 +20,7 @@ from .top_k import RouterGate
 
 @register_gate("dense_moe")
 class DenseMoEGate(RouterGate):
-    def forward(self, x: Tensor, token_ids=None) -> Routing:
+    def forward(self, x: Tensor, token_ids=None, valid=None) -> Routing:
         logits = self.router(x)
         probs = logits.softmax(dim=-1)  # [S, E]
         S, E = probs.shape
@@ -35,7 +35,8 @@ class DenseMoEGate(RouterGate):
             rank=None,
             probs=probs,
             balance_loss=logits.new_zeros(()),
-            z_loss=router_z_loss(logits),
+            z_loss=router_z_loss(logits, valid),
             droppable=False,
             capacity_k=E,
+            valid=None if valid is None else valid.repeat_interleave(E),
         )

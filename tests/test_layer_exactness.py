@@ -8,6 +8,8 @@ tests use tolerances. The copy below is the old layer step, kept here only for t
 it uses the layer's own gate and experts.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -36,6 +38,16 @@ def legacy_plan(routing, num_experts, capacity, policy):
     return order[position < capacity]
 
 
+def legacy_routing(routing):
+    """The routing as the old gates returned it: top-2's `random` policy removed the second choices
+    it withdrew (with `nonzero`), where it now marks them invalid."""
+    if routing.valid is None:
+        return routing
+    keep = routing.valid.nonzero().squeeze(1)
+    names = ("token_idx", "expert_idx", "weight", "priority", "rank")
+    return replace(routing, valid=None, **{n: getattr(routing, n).index_select(0, keep) for n in names})
+
+
 def legacy_forward(layer, x, token_ids):
     """The old MoELayer.forward: returns (output, routing)."""
     shape = x.shape
@@ -43,7 +55,7 @@ def legacy_forward(layer, x, token_ids):
     ids_flat = token_ids.transpose(0, 1).reshape(-1)
     keep = (ids_flat != layer.padding_idx).nonzero().squeeze(1)
     x_tok, ids_tok = x_flat[keep], ids_flat[keep]
-    routing = layer.gate(x_tok, ids_tok)
+    routing = legacy_routing(layer.gate(x_tok, ids_tok))
     assign = legacy_plan(routing, layer.num_experts, layer.capacity(x_tok.shape[0], routing.capacity_k), layer.drop_policy)
     tokens = routing.token_idx[assign]
     expert_in = x_tok.index_select(0, tokens)

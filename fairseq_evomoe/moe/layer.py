@@ -118,7 +118,8 @@ class MoELayer(nn.Module):
     def forward_tokens(self, x: Tensor, token_ids: Optional[Tensor], valid: Optional[Tensor] = None) -> Tensor:
         """The mixture on the tokens x [S, M] (token_ids [S] or None); valid [S] marks the real ones
         (None: all are), the others output 0."""
-        routing = self.gate(x, token_ids, valid=valid)
+        # (valid only where padding stays in place: a gate written for token ids alone still runs on the CPU)
+        routing = self.gate(x, token_ids) if valid is None else self.gate(x, token_ids, valid=valid)
         plan = self.dispatch_plan(routing, x.shape[0], valid)
         tokens = routing.token_idx[plan.order]
         # index_select, not x[tokens]: its backward accumulates repeated tokens deterministically on CPU

@@ -75,8 +75,10 @@ def reference_capacity(factor: float, k: int, num_tokens: int, num_experts: int,
 def reference_kept(routing, num_experts: int, capacity, policy: str):
     """Indices of the assignments that survive capacity, by the documented rule: within an expert,
     earlier choice rank first, then higher priority ("score") or lower token index ("position");
-    ties keep the original assignment order; an expert keeps its first `capacity`."""
+    ties keep the original assignment order; an expert keeps its first `capacity`. Invalid
+    assignments (Routing.valid) are never kept."""
     expert = routing.expert_idx.tolist()
+    valid = routing.valid.tolist() if routing.valid is not None else [True] * len(expert)
     token = routing.token_idx.tolist()
     priority = routing.priority.tolist()
     rank = routing.rank.tolist() if routing.rank is not None else [0] * len(expert)
@@ -88,7 +90,7 @@ def reference_kept(routing, num_experts: int, capacity, policy: str):
         raise ValueError(policy)
     kept = []
     for e in range(num_experts):
-        mine = sorted((i for i in range(len(expert)) if expert[i] == e), key=key)  # sorted() is stable
+        mine = sorted((i for i in range(len(expert)) if expert[i] == e and valid[i]), key=key)  # sorted() is stable
         kept += mine if capacity is None else mine[:capacity]
     return sorted(kept)
 

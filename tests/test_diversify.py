@@ -297,3 +297,16 @@ def test_a_plain_task_refuses_to_train_half_precision_weights_towards_its_own_sp
     evomoe = build(evomoe_task=True).to(torch.bfloat16)
     assert [m.plan.plain_task for m in diversifying_layers(evomoe)] == [None]
     evomoe.train()(tokens)
+
+
+def test_a_deep_copy_of_a_loaded_layer_sees_its_own_spawn():
+    """A copy (copy.deepcopy, as fairseq's --ema makes) of a layer whose flag was read after a
+    checkpoint load: spawning the copy makes it route, whatever version counters its buffers start at."""
+    import copy
+
+    layer = make_layer("dts", num_experts=4, diversify=True, dts_anneal_updates=10, evomoe_diversify_updates=0)
+    layer.load_state_dict(layer.state_dict())  # an in-place write: the flag's buffer version moves
+    assert not layer.is_spawned
+    twin = copy.deepcopy(layer)
+    twin.spawn()
+    assert twin.is_spawned and twin.gate_routes and not layer.is_spawned

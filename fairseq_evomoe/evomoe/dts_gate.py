@@ -46,7 +46,7 @@ import torch
 from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
 
-from ..moe.gates.base import Routing, register_gate, router_z_loss
+from ..moe.gates.base import Routing, register_gate, router_z_loss, token_mean
 from ..moe.gates.dense import every_expert_routing
 from ..moe.gates.top_k import RouterGate, gumbel_noise_like
 from .saved_schedule import saved_update_counts
@@ -171,58 +171,64 @@ class DenseToSparseGate(RouterGate):
             state["target_experts_per_token"] = self.target_experts if self.phase == Phase.SOFT else 1.0
         return state
 
-    def forward(self, x: Tensor, token_ids=None) -> Routing:
+    def forward(self, x: Tensor, token_ids=None, valid=None) -> Routing:
         logits = self.router(x)
         probs = logits.softmax(dim=-1)
         if self.training:
-            return self.training_routing(x, logits, probs, droppable=True)
+            return self.training_routing(x, logits, probs, droppable=True, valid=valid)
         if self.eval_routing == "sample":
-            return self.training_routing(x, logits, probs, droppable=False)
+            return self.training_routing(x, logits, probs, droppable=False, valid=valid)
         if self.eval_routing == "softmax":
-            return every_expert_routing(logits, probs)
+            return every_expert_routing(logits, probs, valid)
         weight, expert = probs.max(dim=-1)
-        return self._routing(x, expert, weight, probs, logits, droppable=False)
+        return self._routing(x, expert, weight, probs, logits, droppable=False, valid=valid)
 
-    def training_routing(self, x: Tensor, logits: Tensor, probs: Tensor, droppable: bool) -> Routing:
+    def training_routing(self, x: Tensor, logits: Tensor, probs: Tensor, droppable: bool, valid=None) -> Routing:
         """The routing of the current phase's training rule (droppable: whether capacity applies
-        in the hard phase)."""
+        in the hard phase; valid: the real tokens where padding stays in place, None: all)."""
         gumbel = gumbel_noise_like(logits)
         if self.phase == Phase.HARD:
-            return self.hard_routing_rule(x, logits, probs, gumbel, droppable)
+            return self.hard_routing_rule(x, logits, probs, gumbel, droppable, valid)
 
         y = ((logits + gumbel) / self.tau).softmax(dim=-1)
-        selected = self.soft_selection(y.detach())
+        selected = self.soft_selection(y.detach(), valid)
+        if valid is not None:  # padding rows select nothing
+            selected &= valid[:, None]
         combine = (probs if self.combine == "softmax" else y) * selected
         if self.renormalize:
             combine = combine / combine.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(combine.dtype).eps)
-        token, expert = selected.nonzero(as_tuple=True)
+        token, expert = selected.nonzero(as_tuple=True)  # the soft phase's one host read
         weight = combine[token, expert]
-        balance = self.balance_loss(combine, selected)
-        return Routing(token, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits),
+        balance = self.balance_loss(combine, selected, valid)
+        return Routing(token, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits, valid),
                        droppable=False, logits=logits.detach())
 
-    def hard_routing_rule(self, x: Tensor, logits: Tensor, probs: Tensor, gumbel: Tensor, droppable: bool) -> Routing:
+    def hard_routing_rule(self, x: Tensor, logits: Tensor, probs: Tensor, gumbel: Tensor, droppable: bool,
+                          valid=None) -> Routing:
         """Top-1: argmax(l + g) or argmax(l), weighted by p_e or by the Gumbel-softmax y_e."""
         noisy = logits.detach() + gumbel
         expert = (noisy if self.hard_routing == "sample" else logits.detach()).argmax(dim=-1)
         if self.hard_combine == "gumbel":
             y = ((logits + gumbel) / self.tau).softmax(dim=-1)
             weight = y.gather(1, expert[:, None]).squeeze(1)
-            routing = self._routing(x, expert, weight, y, logits, droppable, probs=probs)
+            routing = self._routing(x, expert, weight, y, logits, droppable, valid, probs=probs)
         else:
             weight = probs.gather(1, expert[:, None]).squeeze(1)
-            routing = self._routing(x, expert, weight, probs, logits, droppable)
-        soft = self.soft_selection((noisy / self.tau).softmax(dim=-1))
-        routing.token_counts = {"switch_changed": (soft.sum(dim=-1) > 1).sum()}
+            routing = self._routing(x, expert, weight, probs, logits, droppable, valid)
+        soft = self.soft_selection((noisy / self.tau).softmax(dim=-1), valid)
+        changed = soft.sum(dim=-1) > 1
+        routing.token_counts = {"switch_changed": (changed if valid is None else changed & valid).sum()}
         if self.collect_stats:
-            agree = (expert == logits.detach().argmax(dim=-1)).sum().float()
-            routing.sampled_stats = {"hard_eval_agree_pct": (100.0 * agree, logits.new_tensor(float(x.shape[0])))}
+            agree = expert == logits.detach().argmax(dim=-1)
+            agree, count = (agree, x.shape[0]) if valid is None else (agree & valid, valid.sum())
+            routing.sampled_stats = {"hard_eval_agree_pct": (100.0 * agree.sum().float(), logits.new_tensor(count).float())}
         return routing
 
-    def soft_selection(self, y: Tensor) -> Tensor:
-        """[S, E] bool: the experts the soft phase gives each token, from its Gumbel-softmax weights."""
+    def soft_selection(self, y: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """[S, E] bool: the experts the soft phase gives each token, from its Gumbel-softmax weights
+        (valid: the real tokens, which alone count for the scheduled budget)."""
         if self.sparsity == "scheduled":
-            selected = scheduled_selection(y, self.target_experts)
+            selected = scheduled_selection(y, self.target_experts, valid)
         else:
             selected = y > self.threshold
             selected.scatter_(1, y.argmax(dim=-1, keepdim=True), True)  # at least one expert
@@ -231,28 +237,36 @@ class DenseToSparseGate(RouterGate):
             selected &= torch.zeros_like(selected).scatter_(1, top, True)
         return selected
 
-    def _routing(self, x, expert, weight, combine, logits, droppable, probs=None) -> Routing:
+    def _routing(self, x, expert, weight, combine, logits, droppable, valid, probs=None) -> Routing:
         """Top-1 routing; the balance loss from `combine` ([S, E] weights: p, or y), probs for the
         entropy statistics (default: combine)."""
         tokens = torch.arange(x.shape[0], device=x.device)
         selected = torch.nn.functional.one_hot(expert, self.num_experts).bool()
-        balance = self.balance_loss(combine * selected, selected)
+        balance = self.balance_loss(combine * selected, selected, valid)
         return Routing(tokens, expert, weight, weight.detach(), None, combine if probs is None else probs, balance,
-                       router_z_loss(logits), droppable=droppable, logits=logits.detach())
+                       router_z_loss(logits, valid), droppable=droppable, valid=valid, logits=logits.detach())
 
-    def balance_loss(self, combine: Tensor, selected: Tensor) -> Tensor:
-        """E * sum_e (mean combine weight of e) * (fraction of tokens selecting e)."""
+    def balance_loss(self, combine: Tensor, selected: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """E * sum_e (mean combine weight of e) * (fraction of tokens selecting e), over the real tokens."""
         if combine.shape[0] == 0:
             return combine.new_zeros(())
-        return self.num_experts * torch.sum(combine.mean(dim=0) * selected.float().mean(dim=0))
+        return self.num_experts * torch.sum(token_mean(combine, valid) * token_mean(selected.float(), valid))
 
 
-def scheduled_selection(y: Tensor, k: float) -> Tensor:
+def scheduled_selection(y: Tensor, k: float, valid: Optional[Tensor] = None) -> Tensor:
     """[S, E] bool: round(k * S) assignments for S tokens, each token's largest weight first, then
     the largest of the remaining weights of the whole batch (so tokens whose weights are spread
-    get more experts than tokens with one clear favourite)."""
+    get more experts than tokens with one clear favourite). With valid, S counts the real tokens
+    (on the device) and padding rows get no extra expert."""
     num_tokens, num_experts = y.shape
     selected = torch.zeros_like(y, dtype=torch.bool).scatter_(1, y.argmax(dim=-1, keepdim=True), True)
+    if valid is not None:
+        n = valid.sum()
+        extra = torch.minimum(torch.round(k * n.double()).long(), n * num_experts) - n
+        others = y.masked_fill(selected | ~valid[:, None], -1.0).reshape(-1)
+        rank = torch.empty_like(others, dtype=torch.long).scatter_(
+            0, others.argsort(descending=True, stable=True), torch.arange(others.numel(), device=y.device))
+        return selected | (rank < extra).view_as(selected)
     extra = min(int(round(k * num_tokens)), num_tokens * num_experts) - num_tokens
     if extra > 0:
         others = y.masked_fill(selected, -1.0).reshape(-1)

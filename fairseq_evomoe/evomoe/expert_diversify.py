@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..moe.experts import EXPERT_PARAM_NAMES
+from ..moe.host_flag import HostFlag
 from ..moe.layer import MoELayer
 from ..moe.parallel.exchange import data_parallel_params
 from ..moe.parallel.optimizer_state import keep_local_slices
@@ -53,20 +54,15 @@ class DiversifyingMoELayer(MoELayer):
         super().__init__(gate, experts, **kwargs)
         self.plan = plan
         self.register_buffer("spawned", torch.tensor(False))
-        self._spawned_cache = None
+        self._spawned_flag = HostFlag()
         self.register_buffer("spawn_update", torch.tensor(plan.updates))
         self.share_base_expert()
 
     @property
     def is_spawned(self) -> bool:
-        """bool(self.spawned), read from the device only when the buffer changed (a new tensor or
-        an in-place write such as a spawn or a checkpoint load): reading a GPU tensor makes the
-        host wait for the GPU, and this is asked on every forward."""
-        buf = self.spawned
-        cached = self._spawned_cache
-        if cached is None or cached[0] is not buf or cached[1] != buf._version:
-            cached = self._spawned_cache = (buf, buf._version, bool(buf))
-        return cached[2]
+        """bool(self.spawned), read from the device only when the buffer changed (HostFlag): this is
+        asked on every forward."""
+        return self._spawned_flag(self.spawned)
 
     @property
     def gate_routes(self) -> bool:
@@ -116,12 +112,12 @@ class DiversifyingMoELayer(MoELayer):
         super().reset_experts(std)
         self.share_base_expert()
 
-    def forward_tokens(self, x: Tensor, token_ids: Optional[Tensor]) -> Tensor:
+    def forward_tokens(self, x: Tensor, token_ids: Optional[Tensor], valid: Optional[Tensor] = None) -> Tensor:
         if self.is_spawned:
-            return super().forward_tokens(x, token_ids)
+            return super().forward_tokens(x, token_ids, valid)
         if self.training:
             self.check_spawn_reaches_optimizer()
-        return self.base_expert_forward(x)
+        return self.base_expert_forward(x, valid)
 
     def check_spawn_reaches_optimizer(self) -> None:
         """Refuse to train towards a spawn that the optimizer would undo: under a plain task with
@@ -139,8 +135,9 @@ class DiversifyingMoELayer(MoELayer):
             "write the base expert back at the next update; use the evomoe_* task, or train in fp32 or with --amp"
         )
 
-    def base_expert_forward(self, x: Tensor) -> Tensor:
-        """The base expert (local slot 0) as a dense FFN on this worker's tokens."""
+    def base_expert_forward(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """The base expert (local slot 0) as a dense FFN on this worker's tokens (valid: the real
+        ones, None: all; the others output 0)."""
         params = data_parallel_params(self.experts, self.placement)
         if x.device.type != "cpu":  # (the group sizes of a list would be copied to the GPU, a host wait)
             y = self.experts.forward_one(x, 0, params=params)
@@ -150,13 +147,15 @@ class DiversifyingMoELayer(MoELayer):
             y = self.experts(x, [x.shape[0]] + [0] * (self.experts.num_experts - 1), params=params)
         # the gate gets an exact zero gradient (keeps data-parallel reducers consistent)
         zero = sum((p.sum() for p in self.gate.parameters()), x.new_zeros((), dtype=torch.float)) * 0.0
-        n = x.shape[0]
+        n = torch.tensor(float(x.shape[0])) if valid is None else valid.sum().float()
+        if valid is not None:
+            y = torch.where(valid[:, None], y, 0)
         zeros_e = x.new_zeros(self.num_experts, dtype=torch.float)
         zeros_e[0] = n
         self.metadata = {
             "balance_loss": x.new_zeros((), dtype=torch.float) + zero,
             "z_loss": x.new_zeros((), dtype=torch.float),
-            "num_tokens": torch.tensor(float(n)),
+            "num_tokens": n,
             "tokens_per_expert": zeros_e.detach(),
             "routed_per_expert": zeros_e.detach(),
             "dropped_frac": torch.tensor(0.0),

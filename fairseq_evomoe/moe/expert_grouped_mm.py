@@ -87,18 +87,21 @@ def grouped_mm_preferred(x: Tensor, num_experts: int) -> bool:
 def grouped_ffn(x: Tensor, counts: Counts, params: Sequence[Tensor], activation_fn, dropout) -> Tensor:
     """Every expert's FFN on its contiguous group of x's rows: both projections as single grouped
     matmuls, with no host sync (group offsets and the expert of each row are computed on x's
-    device). `dropout` is the activation dropout function (identity when off)."""
+    device). Rows after the groups (sum(counts) < rows) are computed with the last group, for
+    static shapes, and output 0. `dropout` is the activation dropout function (identity when off)."""
     w1, b1, w2, b2 = params
     dtype = matmul_dtype(x)
     if x.dtype != dtype:  # under autocast: the weights' casts are differentiable, as autocast's are
         x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
     num_experts = w1.shape[0]
     sizes = counts.to(x.device) if isinstance(counts, Tensor) else torch.tensor(counts, device=x.device)
+    grouped = sizes.sum()
+    sizes = torch.cat([sizes[:-1], (x.shape[0] - sizes[:-1].sum()).view(1)])  # the last group takes the rest
     offsets = torch.cumsum(sizes, 0, dtype=torch.int32)
     experts = torch.arange(num_experts, device=x.device)
     expert_of_row = torch.repeat_interleave(experts, sizes, output_size=x.shape[0])
     h = F.grouped_mm(x, w1.transpose(1, 2), offs=offsets)
     h = _AddGroupBias.apply(h, b1, expert_of_row)
     h = dropout(activation_fn(h))
-    y = F.grouped_mm(h, w2.transpose(1, 2), offs=offsets)
-    return _AddGroupBias.apply(y, b2, expert_of_row)
+    y = _AddGroupBias.apply(F.grouped_mm(h, w2.transpose(1, 2), offs=offsets), b2, expert_of_row)
+    return torch.where(torch.arange(x.shape[0], device=x.device)[:, None] < grouped, y, 0)

@@ -9,16 +9,23 @@ fairseq's data-parallel wrappers then leave them out of the all-reduce, and the 
 counts each expert once across workers (moe/parallel/grad_norm.py). In one process they are
 ordinary parameters.
 
-The expert-sorted tokens form contiguous groups, one per expert. Three ways to compute them:
+The expert-sorted tokens form contiguous groups, one per expert, followed by rows of no expert
+(assignments not kept), whose output is 0. On the CPU the group sizes are read on the host (the data
+is there: nothing to wait for) and the groups computed exactly as they are; off the CPU
+(`static_shapes`) no path reads them on the host, except the loop in a dropless layer. The paths:
 
 - CPU (without activation dropout): expert_cpu_kernel.py, one group at a time with a
   hand-written backward that writes every expert's gradient into one [E, ...] tensor, whose
   memory it reuses from step to step (grad_memory.py).
 - torch's grouped matmul (expert_grouped_mm.py), where `grouped_mm_preferred` says so: on a GPU
-  where it has a fast kernel or many experts, and on the CPU with activation dropout.
-- Elsewhere: a loop over the groups with the weights split by `unbind`, whose backward stacks the
-  per-expert gradients into one tensor; indexing `W[e]` per expert would instead allocate and add
-  a full-size gradient for every expert (E times the memory traffic).
+  where it has a fast kernel or many experts, and on the CPU with activation dropout. Group
+  offsets on the device.
+- batched (expert_batched.py): one batched matmul per projection over [E, max_rows, M] slots, where
+  a static bound on the group sizes is known (a layer with capacity), off the CPU.
+- Elsewhere (a dropless layer: one host read of the sizes): a loop over the groups with the weights
+  split by `unbind`, whose backward stacks the per-expert gradients into one tensor; indexing `W[e]`
+  per expert would instead allocate and add a full-size gradient for every expert (E times the
+  memory traffic).
 
 `--moe-expert-dtype bf16` runs the experts alone in bfloat16 (`compute_dtype`), with
 differentiable casts in and out.
@@ -33,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .expert_batched import batched_ffn
 from .expert_cpu_kernel import ExpertFFNGroups
 from .expert_grouped_mm import Counts, grouped_ffn, grouped_mm_preferred, matmul_dtype
 from .grad_memory import ReusableGradStorage
@@ -46,6 +54,12 @@ EXPERT_DTYPES = {"auto": None, "bf16": torch.bfloat16}
 
 def _host(counts: Counts) -> List[int]:
     return counts.tolist() if isinstance(counts, Tensor) else list(counts)
+
+
+def _without_rows(x: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """Zeros of x's shape for rows that no expert computes, with every parameter in the graph so
+    that gradients exist (zeros)."""
+    return x.new_zeros(x.shape) + 0.0 * sum(p.sum() for p in params).to(x.dtype)
 
 
 class ExpertFFNs(nn.Module):
@@ -70,6 +84,11 @@ class ExpertFFNs(nn.Module):
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, model_dim, ffn_dim))
         self.fc2_bias = nn.Parameter(torch.empty(num_experts, model_dim))
         self.grad_storage = ReusableGradStorage()
+        # group sizes left on the device (True) or read on the host (False); None: on the host on the CPU only
+        self.static_shapes: Optional[bool] = None
+        # the path with static shapes: None (chosen as in the module docstring), "grouped_mm" or
+        # "batched" (without a bound on the group sizes: the loop)
+        self.static_path: Optional[str] = None
         self.reset_parameters()
 
     def reset_parameters(self, std: Optional[float] = None, generator: Optional[torch.Generator] = None):
@@ -106,32 +125,56 @@ class ExpertFFNs(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return run(x.to(dtype), [t.to(dtype) for t in self._params(params)]).to(out_dtype)
 
-    def forward(self, x: Tensor, counts: Counts, params: Optional[Sequence[Tensor]] = None) -> Tensor:
-        """x: [sum(counts), M] tokens grouped by expert (counts[e] rows for expert e).
+    def forward(self, x: Tensor, counts: Counts, params: Optional[Sequence[Tensor]] = None,
+                max_rows: Optional[int] = None) -> Tensor:
+        """x: [P, M] tokens grouped by expert (counts[e] rows for expert e), then P - sum(counts)
+        rows of no expert, whose output is 0.
 
-        counts: a LongTensor [E] or a list of ints. The grouped path on a GPU reads a tensor on
-        the GPU, so the host need not wait for the routing; the other paths read the list.
+        counts: a LongTensor [E] or a list of ints; max_rows: a bound on every counts[e] known on
+        the host (None: none), for the batched path.
         params: (fc1_weight, fc1_bias, fc2_weight, fc2_bias) to use instead of the module's own, as
         expert parallelism passes them (the same tensors behind an identity with a custom backward)."""
         assert len(counts) == self.num_experts, (len(counts), self.num_experts)
         if self._needs_cast(x):
-            return self._in_compute_dtype(x, params, lambda xc, pc: self.forward(xc, counts, pc))
-        w1, b1, w2, b2 = self._params(params)
+            return self._in_compute_dtype(x, params, lambda xc, pc: self.forward(xc, counts, pc, max_rows))
+        params = self._params(params)
         if x.shape[0] == 0:
-            # keep every parameter in the graph so that gradients exist (zeros)
-            return x + 0.0 * sum(p.sum() for p in (w1, b1, w2, b2)).to(x.dtype)
+            return _without_rows(x, params)
+        static = self.static_shapes if self.static_shapes is not None else x.device.type != "cpu"
+        if not static:
+            return self._host_sized_forward(x, _host(counts), params)
+        path = self.static_path or ("grouped_mm" if grouped_mm_preferred(x, self.num_experts) else
+                                    "batched" if max_rows is not None else "loop")
+        if path == "grouped_mm":
+            return self.grouped_forward(x, counts, params)
+        if path == "batched" and max_rows is not None:
+            counts = counts if isinstance(counts, Tensor) else torch.tensor(counts, device=x.device)
+            return batched_ffn(x, counts, max_rows, params, self.activation_fn, self._dropout())
+        return self._host_sized_forward(x, _host(counts), params)  # the one host read of a dropless layer
+
+    def _host_sized_forward(self, x: Tensor, counts: List[int], params: Sequence[Tensor]) -> Tensor:
+        """The groups with their sizes on the host: exactly the sum(counts) grouped rows are
+        computed (the rows after them output 0)."""
+        rows, grouped = x.shape[0], sum(counts)
+        if grouped == 0:
+            return _without_rows(x, params)
+        x = x[:grouped]
         if x.device.type == "cpu" and not (self.training and self.activation_dropout > 0):
-            return ExpertFFNGroups.apply(x, w1, b1, w2, b2, _host(counts), self.activation_fn, self.grad_storage)
-        if grouped_mm_preferred(x, self.num_experts):
-            return self.grouped_forward(x, counts, (w1, b1, w2, b2))
-        params = zip(w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0))
-        outs = [self.expert_forward(xe, *p) for xe, p in zip(x.split(_host(counts)), params) if xe.shape[0] > 0]
-        return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+            y = ExpertFFNGroups.apply(x, *params, counts, self.activation_fn, self.grad_storage)
+        elif grouped_mm_preferred(x, self.num_experts):
+            y = self.grouped_forward(x, counts, params)
+        else:
+            groups = zip(x.split(counts), *(p.unbind(0) for p in params))
+            outs = [self.expert_forward(xe, *p) for xe, *p in groups if xe.shape[0] > 0]
+            y = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        return y if grouped == rows else F.pad(y, (0, 0, 0, rows - grouped))
+
+    def _dropout(self):
+        return functools.partial(F.dropout, p=self.activation_dropout, training=self.training)
 
     def grouped_forward(self, x: Tensor, counts: Counts, params: Optional[Sequence[Tensor]] = None) -> Tensor:
-        """The GPU path (expert_grouped_mm.py) over all experts at once; params as in forward."""
-        dropout = functools.partial(F.dropout, p=self.activation_dropout, training=self.training)
-        return grouped_ffn(x, counts, self._params(params), self.activation_fn, dropout)
+        """torch's grouped matmul (expert_grouped_mm.py) over all experts at once; params as in forward."""
+        return grouped_ffn(x, counts, self._params(params), self.activation_fn, self._dropout())
 
     def forward_one(self, x: Tensor, expert: int, params: Optional[Sequence[Tensor]] = None) -> Tensor:
         """One expert on all of x (an expert run as a dense FFN, and tests); params as

@@ -4,6 +4,17 @@ The layer takes hidden states of any shape [..., M] and returns the same shape. 
 are never routed (their output is 0, so the residual passes them through) and never enter the
 balance loss. Tokens that lose every expert to capacity also output 0.
 
+No host synchronisation within a step: off the CPU every shape in the layer is static, so the host
+never waits for the device. Padding stays in place, marked invalid for the gate and the dispatch
+(`static_shapes`), and capacity drops are rows the experts skip (moe/dispatch.py). The exceptions,
+at most one host read per layer each: dropless routing on the experts' per-expert loop (their
+sizes), the DTS gate's soft phase (its selection), expert parallelism (the all-to-all split sizes,
+moe/parallel/exchange.py); and the BASE gate's solver (moe/gates/balanced.py).
+On the CPU the layer removes the padding first (`nonzero`: the data is on the host, nothing to wait
+for), so that means over tokens and random draws cover exactly the real tokens, and losses stay
+identical to the last bit to those of the layer before it became static (a sum over rows with
+zero rows in between rounds differently; a draw over more rows moves every later random number).
+
 After each forward the layer leaves `self.metadata`: its balance loss and z-loss (tensors in the
 graph) and routing statistics (detached tensors, no host sync), which the MoE criteria read.
 Statistics only wanted on steps that log (the router's logit spread, the gate's sampled
@@ -19,7 +30,7 @@ from torch import Tensor
 
 from .dispatch import DispatchPlan, expert_capacity, plan_dispatch
 from .experts import ExpertFFNs
-from .gates.base import Gate, Routing
+from .gates.base import Gate, Routing, token_mean
 from .parallel.exchange import run_experts
 from .parallel.placement import ExpertPlacement
 from .parallel.sharding import reset_experts
@@ -49,6 +60,8 @@ class MoELayer(nn.Module):
         self.metadata: Dict[str, Tensor] = {}
         # token ids [batch, time] of the current forward, set by the encoder/decoder (RoutingContext)
         self.routing_tokens: Optional[Tensor] = None
+        # padding left in place (True) or removed first (False); None: removed on the CPU only
+        self.static_shapes: Optional[bool] = None
         self.num_updates = 0  # fairseq's update counter, pushed before each training step
         self.collect_stats = False
 
@@ -90,15 +103,14 @@ class MoELayer(nn.Module):
         if token_ids is not None:
             ids_flat = (token_ids.transpose(0, 1) if x.dim() == 3 else token_ids).reshape(-1)
             assert ids_flat.numel() == x_flat.shape[0], "routing tokens do not match the hidden states"
-        if ids_flat is not None and self.padding_idx is not None:
-            keep = (ids_flat != self.padding_idx).nonzero().squeeze(1)
-            x_tok, ids_tok = x_flat[keep], ids_flat[keep]
-        else:
-            keep, x_tok, ids_tok = None, x_flat, ids_flat
-
-        y_tok = self.forward_tokens(x_tok, ids_tok)
-        if keep is None:
-            return y_tok.reshape(shape)
+        if ids_flat is None or self.padding_idx is None:
+            return self.forward_tokens(x_flat, ids_flat).reshape(shape)
+        real = ids_flat != self.padding_idx
+        static = self.static_shapes if self.static_shapes is not None else x.device.type != "cpu"
+        if static:
+            return self.forward_tokens(x_flat, ids_flat, valid=real).reshape(shape)
+        keep = real.nonzero().squeeze(1)
+        y_tok = self.forward_tokens(x_flat[keep], ids_flat[keep])
         # in y_tok's dtype: under --amp (autocast) the experts' matmuls return fp16 for fp32 input,
         # as a dense FFN's would
         out = y_tok.new_zeros(x_flat.shape)
@@ -109,32 +121,46 @@ class MoELayer(nn.Module):
         """normal(0, std) expert weights, zero biases (BERT-style init), as one process draws them."""
         reset_experts(self.experts, self.placement, std)
 
-    def capacity(self, num_tokens: int, k: int) -> Optional[int]:
+    def capacity(self, num_tokens, k: int):
+        """Assignments each expert may keep (None: dropless); num_tokens: an int, or a LongTensor
+        scalar on the device (then so is the capacity)."""
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return expert_capacity(num_tokens, self.num_experts, factor, k)
 
-    def forward_tokens(self, x: Tensor, token_ids: Optional[Tensor]) -> Tensor:
-        """The mixture on the non-padding tokens x [S, M] (token_ids [S] or None)."""
-        routing = self.gate(x, token_ids)
-        plan = plan_dispatch(routing, self.num_experts, self.capacity(x.shape[0], routing.capacity_k), self.drop_policy)
-        assign = plan.order
-        tokens = routing.token_idx[assign]
+    def dispatch_plan(self, routing: Routing, num_rows: int, valid: Optional[Tensor]) -> DispatchPlan:
+        """The dispatch plan of `routing` for num_rows tokens, of which `valid` are real (None: all)."""
+        num_tokens = num_rows if valid is None else valid.sum()
+        max_rows = self.capacity(num_rows, routing.capacity_k) if routing.droppable else None
+        return plan_dispatch(routing, self.num_experts, self.capacity(num_tokens, routing.capacity_k), self.drop_policy,
+                             max_rows)
+
+    def forward_tokens(self, x: Tensor, token_ids: Optional[Tensor], valid: Optional[Tensor] = None) -> Tensor:
+        """The mixture on the tokens x [S, M] (token_ids [S] or None); valid [S] marks the real ones
+        (None: all are), the others output 0."""
+        # (valid only where padding stays in place: a gate written for token ids alone still runs on the CPU)
+        routing = self.gate(x, token_ids) if valid is None else self.gate(x, token_ids, valid=valid)
+        plan = self.dispatch_plan(routing, x.shape[0], valid)
+        tokens = routing.token_idx[plan.order]
         # index_select, not x[tokens]: its backward accumulates repeated tokens deterministically on CPU
         expert_in = x.index_select(0, tokens)
-        expert_out = run_experts(self.placement, self.experts, expert_in, plan.counts)
-        weight = routing.weight[assign].to(expert_out.dtype)
-        out = expert_out.new_zeros(x.shape).index_add_(0, tokens, expert_out * weight.unsqueeze(1))
-        self.metadata = self.routing_stats(routing, plan, x.shape[0], tokens)
-        return out
+        expert_out = run_experts(self.placement, self.experts, expert_in, plan.counts, plan.max_rows)
+        weight = routing.weight[plan.order].to(expert_out.dtype)
+        # assignments not kept add to a scratch row after the last token
+        target = torch.where(plan.kept_mask(), tokens, x.shape[0])
+        out = expert_out.new_zeros(x.shape[0] + 1, x.shape[1]).index_add_(0, target, expert_out * weight.unsqueeze(1))
+        self.metadata = self.routing_stats(routing, plan, x.shape[0], target, valid)
+        return out[:-1]
 
-    def routing_stats(self, routing: Routing, plan: DispatchPlan, num_tokens: int, kept_tokens: Tensor) -> Dict[str, Tensor]:
-        """kept_tokens: the token of every kept assignment."""
+    def routing_stats(self, routing: Routing, plan: DispatchPlan, num_rows: int, target: Tensor,
+                      valid: Optional[Tensor]) -> Dict[str, Tensor]:
+        """target: the token of each assignment in plan order, num_rows for those not kept."""
         with torch.no_grad():
-            n = max(num_tokens, 1)
+            num_tokens = torch.tensor(float(num_rows)) if valid is None else valid.sum().float()
+            n = num_tokens.clamp(min=1)
             routed = plan.routed_counts.float()
-            served = kept_tokens.new_zeros(num_tokens, dtype=torch.bool).index_fill_(0, kept_tokens, True)
+            served = target.new_zeros(num_rows + 1, dtype=torch.bool).index_fill_(0, target, True)[:-1]
             stats = {
-                "num_tokens": torch.tensor(float(num_tokens)),
+                "num_tokens": num_tokens,
                 "tokens_per_expert": plan.counts.float(),
                 "routed_per_expert": routed,
                 # assignments (token, expert) dropped by capacity, over those routed
@@ -142,15 +168,15 @@ class MoELayer(nn.Module):
                 # routed assignments per token, before capacity
                 "experts_per_token": routed.sum() / n,
                 # tokens that kept no expert (their output is 0: the residual passes them through)
-                "tokens_unserved": (num_tokens - served.sum()).float(),
+                "tokens_unserved": num_tokens - served.sum(),
             }
             if routing.probs is not None and routing.probs.shape[0] > 0:
                 p = routing.probs.float()
-                stats["router_entropy"] = -(p * torch.log(p.clamp(min=1e-9))).sum(-1).mean()
+                stats["router_entropy"] = -token_mean((p * torch.log(p.clamp(min=1e-9))).sum(-1), valid)
             else:
                 stats["router_entropy"] = torch.tensor(0.0)
         if self.collect_stats:
-            stats.update(router_stats(routing))
+            stats.update(router_stats(routing, valid))
         stats["balance_loss"] = routing.balance_loss.float()
         stats["z_loss"] = routing.z_loss.float()
         if routing.extra_loss is not None:
@@ -163,7 +189,7 @@ class MoELayer(nn.Module):
 
     def reference_forward(self, x: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
         """Every expert on every token, mixed by a dense [S, E] weight matrix built from `plan`."""
-        assign = plan.order
+        assign = plan.kept()
         combine = x.new_zeros(x.shape[0], self.num_experts, dtype=torch.float)
         combine = combine.index_put(
             (routing.token_idx[assign], routing.expert_idx[assign]), routing.weight[assign].float(), accumulate=True
@@ -174,11 +200,12 @@ class MoELayer(nn.Module):
         return out
 
 
-def router_stats(routing: Routing) -> Dict[str, Tensor]:
-    """Sampled statistics ("stat_<name>": [sum, count]) of a routing: the mean over tokens of the
-    std of the router logits over experts (router_logit_std) and of the gap between the two largest
-    logits (router_top_gap), beside Gumbel(0, 1) noise's std of 1.28 the scale at which the noise
-    decides; and the gate's own sampled statistics."""
+def router_stats(routing: Routing, valid: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """Sampled statistics ("stat_<name>": [sum, count]) of a routing over its real tokens (valid
+    [S], None: all): the mean over tokens of the std of the router logits over experts
+    (router_logit_std) and of the gap between the two largest logits (router_top_gap), beside
+    Gumbel(0, 1) noise's std of 1.28 the scale at which the noise decides; and the gate's own
+    sampled statistics."""
     out: Dict[str, Tensor] = {}
     with torch.no_grad():
         logits = routing.logits
@@ -186,10 +213,15 @@ def router_stats(routing: Routing) -> Dict[str, Tensor]:
             logits = torch.log(routing.probs.float().clamp(min=torch.finfo(torch.float).tiny))
         if logits is not None and logits.shape[0] > 0 and logits.shape[1] > 1:
             logits = logits.float()
-            n = logits.new_tensor(float(logits.shape[0]))
             top2 = logits.topk(2, dim=-1).values
-            out["stat_router_logit_std"] = torch.stack([logits.std(dim=-1, unbiased=False).sum(), n])
-            out["stat_router_top_gap"] = torch.stack([(top2[:, 0] - top2[:, 1]).sum(), n])
+            spread, gap = logits.std(dim=-1, unbiased=False), top2[:, 0] - top2[:, 1]
+            if valid is None:
+                n = logits.new_tensor(float(logits.shape[0]))
+            else:
+                n = valid.sum().float()
+                spread, gap = torch.where(valid, spread, 0.0), torch.where(valid, gap, 0.0)
+            out["stat_router_logit_std"] = torch.stack([spread.sum(), n])
+            out["stat_router_top_gap"] = torch.stack([gap.sum(), n])
         for name, (total, count) in (routing.sampled_stats or {}).items():
             out[f"stat_{name}"] = torch.stack([total.detach().float(), count.detach().float()])
     return out

@@ -20,6 +20,11 @@ Solvers (`--base-solver`):
         result is checked and the torch auction is used where it fails.
 
 Works on the tokens of one process, so it runs unchanged under expert parallelism.
+
+Host reads: the BASE gate is exempt from the MoE layer's rule of no host synchronisation within a
+step (moe/layer.py). The auction reads its convergence (and eps) on the host every round, libbase
+runs on the CPU, and where padding stays in place (off the CPU) the real tokens are gathered with
+`nonzero` first, so that the balance is over them alone.
 """
 
 from dataclasses import dataclass, field
@@ -127,12 +132,14 @@ class BaseLayerGate(RouterGate):
             raise ValueError("--base-solver libbase needs fairseq's C++ extension fairseq.libbase, which is not "
                              "importable here; use --base-solver auction")
 
-    def forward(self, x: Tensor, token_ids=None) -> Routing:
+    def forward(self, x: Tensor, token_ids=None, valid=None) -> Routing:
         affinity = self.router(x)  # [S, E] fp32
-        if self.training:
+        expert = affinity.argmax(dim=-1)
+        if self.training and valid is None:
             expert = balanced_assignment(affinity, self.solver)
-        else:
-            expert = affinity.argmax(dim=-1)
+        elif self.training:  # balanced over the real tokens (a host read, see the module docstring)
+            real = valid.nonzero().squeeze(1)
+            expert = expert.index_copy(0, real, balanced_assignment(affinity.index_select(0, real), self.solver))
         chosen = affinity.gather(1, expert[:, None]).squeeze(1)
         weight = torch.sigmoid(chosen)
         zero = affinity.new_zeros(())
@@ -145,4 +152,5 @@ class BaseLayerGate(RouterGate):
             probs=affinity.softmax(dim=-1),
             balance_loss=zero,
             z_loss=zero,
+            valid=valid,
         )

@@ -6,6 +6,11 @@ gate may give each token any number of experts: one (Switch), two (GShard), a dy
 Dense-To-Sparse gate) or all of them (dense MoE).
 
 Gates never move tokens; `moe.dispatch` applies capacity and groups the assignments by expert.
+
+Padding: on the CPU the layer removes it before the gate. Elsewhere it stays in place (static
+shapes, so that the host never waits for the device) and the gate gets `valid`, a bool [S] mask of
+the real tokens: padding rows are routed like any other but marked invalid in `Routing.valid`, and
+every mean over tokens (balance loss, z-loss...) is taken over the valid rows (`token_mean`).
 """
 
 from dataclasses import dataclass
@@ -39,6 +44,9 @@ class Routing:
     sampled_stats: statistics the gate computes only on steps that collect statistics, by name:
         (sum, count) scalar tensors; the criterion logs moe_<name> = the summed sums over the
         summed counts (e.g. the DTS gate's hard_eval_agree_pct).
+    valid: bool tensor [P] or None (all valid); False for an assignment that must not run: one of
+        a padding token, or one the gate withdrew (top-2's `random` second choices). Invalid
+        assignments are never kept, counted as routed, or counted as dropped.
     """
 
     token_idx: Tensor
@@ -56,12 +64,14 @@ class Routing:
     token_counts: Optional[Dict[str, Tensor]] = None
     logits: Optional[Tensor] = None
     sampled_stats: Optional[Dict[str, Tuple[Tensor, Tensor]]] = None
+    valid: Optional[Tensor] = None
 
 
 class Gate(nn.Module):
     """Base class: `forward(x, token_ids) -> Routing` for x of shape [S, model_dim].
 
-    token_ids ([S] LongTensor or None) are the ids of the same S non-padding tokens.
+    token_ids ([S] LongTensor or None) are the ids of the same S tokens; valid ([S] bool or None)
+    marks the real ones among them (None: all are; see the module docstring).
     `dictionary` is the fairseq Dictionary of the stack the layer sits in (or None).
     A gate with a schedule implements `set_num_updates(num_updates)`: fairseq calls it on every
     module before each training step and after loading a checkpoint.
@@ -83,7 +93,7 @@ class Gate(nn.Module):
         self.num_experts = num_experts
         self.args = args
 
-    def forward(self, x: Tensor, token_ids: Optional[Tensor]) -> Routing:  # pragma: no cover
+    def forward(self, x: Tensor, token_ids: Optional[Tensor], valid: Optional[Tensor] = None) -> Routing:  # pragma: no cover
         raise NotImplementedError
 
     def state_for_logging(self) -> Dict[str, float]:
@@ -130,32 +140,43 @@ def finite_logits(logits: Tensor) -> Tensor:
     return torch.nan_to_num(logits, nan=0.0, posinf=1e4, neginf=-1e4)
 
 
-def count_per_expert(expert_idx: Tensor, num_experts: int) -> Tensor:
-    """LongTensor [E]: how many of the assignments go to each expert. Unlike torch.bincount,
+def count_per_expert(expert_idx: Tensor, num_experts: int, valid: Optional[Tensor] = None) -> Tensor:
+    """LongTensor [E]: how many of the (valid) assignments go to each expert. Unlike torch.bincount,
     which on a GPU reads the largest index back to the host to size its output, this never waits
     for the GPU."""
     counts = torch.zeros(num_experts, dtype=torch.long, device=expert_idx.device)
-    return counts.index_add_(0, expert_idx, torch.ones_like(expert_idx))
+    ones = torch.ones_like(expert_idx) if valid is None else valid.long()
+    return counts.index_add_(0, expert_idx, ones)
 
 
-def switch_balance_loss(probs: Tensor, expert_idx: Tensor, num_experts: int) -> Tensor:
+def token_mean(t: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """t.mean(0) over the real tokens (rows) of t: all rows when valid is None, else the rows
+    where valid is True (0 when there are none), without reading their number on the host."""
+    if valid is None:
+        return t.mean(dim=0)
+    mask = valid.reshape(-1, *([1] * (t.dim() - 1)))
+    return torch.where(mask, t, 0).sum(dim=0) / valid.sum().clamp(min=1)
+
+
+def switch_balance_loss(probs: Tensor, expert_idx: Tensor, num_experts: int, valid: Optional[Tensor] = None) -> Tensor:
     """Switch Transformer load-balancing loss: E * sum_e f_e * P_e.
 
     probs: [S, E] router probabilities; expert_idx: [S] the expert each token chose.
     f_e: fraction of tokens sent to e; P_e: mean router probability of e. A uniform router
-    gives exactly 1.
+    gives exactly 1. valid: [S] bool, the real tokens (None: all).
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    frac = count_per_expert(expert_idx, num_experts).to(probs.dtype) / probs.shape[0]
-    return num_experts * torch.sum(frac * probs.mean(dim=0))
+    counts = count_per_expert(expert_idx, num_experts, valid).to(probs.dtype)
+    frac = counts / (probs.shape[0] if valid is None else valid.sum().clamp(min=1))
+    return num_experts * torch.sum(frac * token_mean(probs, valid))
 
 
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+def router_z_loss(logits: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """ST-MoE router z-loss: mean over (valid) tokens of logsumexp(logits)^2."""
     if logits.shape[0] == 0:
         return logits.new_zeros(())
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return token_mean(torch.logsumexp(logits, dim=-1).pow(2), valid)
 
 
 @dataclass

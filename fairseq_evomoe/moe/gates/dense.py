@@ -11,6 +11,8 @@ entropy, experts per token = E) are still reported. z-loss: the ST-MoE router z-
 `--moe-z-loss-wt` (0 by default). No options of its own.
 """
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -20,13 +22,14 @@ from .top_k import RouterGate
 
 @register_gate("dense_moe")
 class DenseMoEGate(RouterGate):
-    def forward(self, x: Tensor, token_ids=None) -> Routing:
+    def forward(self, x: Tensor, token_ids=None, valid=None) -> Routing:
         logits = self.router(x)
-        return every_expert_routing(logits, logits.softmax(dim=-1))
+        return every_expert_routing(logits, logits.softmax(dim=-1), valid)
 
 
-def every_expert_routing(logits: Tensor, probs: Tensor) -> Routing:
-    """Every token to every expert, weighted by probs [S, E]; no balance loss, nothing dropped."""
+def every_expert_routing(logits: Tensor, probs: Tensor, valid: Optional[Tensor] = None) -> Routing:
+    """Every token to every expert, weighted by probs [S, E]; no balance loss, nothing dropped
+    (valid: the real tokens where padding stays in place, None: all)."""
     S, E = probs.shape
     tokens = torch.arange(S, device=probs.device).repeat_interleave(E)
     experts = torch.arange(E, device=probs.device).repeat(S)
@@ -39,8 +42,9 @@ def every_expert_routing(logits: Tensor, probs: Tensor) -> Routing:
         rank=None,
         probs=probs,
         balance_loss=logits.new_zeros(()),
-        z_loss=router_z_loss(logits),
+        z_loss=router_z_loss(logits, valid),
         droppable=False,
         capacity_k=E,
+        valid=None if valid is None else valid.repeat_interleave(E),
         logits=logits.detach(),
     )

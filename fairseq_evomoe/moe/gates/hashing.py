@@ -17,6 +17,7 @@ h(id) on the fly and `balanced` is refused.
 """
 
 import heapq
+from typing import Optional, Tuple
 from dataclasses import dataclass, field
 
 import torch
@@ -29,11 +30,16 @@ HASH_MODES = ("random", "balanced")
 PRIME = 2**31 - 1
 
 
-def universal_hash(ids: Tensor, num_experts: int, seed: int) -> Tensor:
-    """((a * id + b) mod p) mod E with (a, b) drawn from `seed`; int64 arithmetic never overflows."""
+def hash_coefficients(seed: int) -> Tuple[int, int]:
+    """(a, b) of the universal hash, drawn from `seed`."""
     g = torch.Generator().manual_seed(seed)
-    a = int(torch.randint(1, PRIME, (), generator=g))
-    b = int(torch.randint(0, PRIME, (), generator=g))
+    return int(torch.randint(1, PRIME, (), generator=g)), int(torch.randint(0, PRIME, (), generator=g))
+
+
+def universal_hash(ids: Tensor, num_experts: int, seed: int, coefficients: Optional[Tuple[int, int]] = None) -> Tensor:
+    """((a * id + b) mod p) mod E with (a, b) drawn from `seed` (or given, as drawn before);
+    int64 arithmetic never overflows."""
+    a, b = coefficients or hash_coefficients(seed)
     return ((ids.long() % PRIME) * a + b) % PRIME % num_experts
 
 
@@ -80,13 +86,14 @@ class HashGate(Gate):
         else:
             table = universal_hash(torch.arange(len(dictionary)), num_experts, self.seed)
         self.register_buffer("table", table)
+        self.coefficients = hash_coefficients(self.seed)  # drawn once, not at every forward
 
     def expert_of(self, token_ids: Tensor) -> Tensor:
         if self.table.numel() == 0:
-            return universal_hash(token_ids, self.num_experts, self.seed)
+            return universal_hash(token_ids, self.num_experts, self.seed, self.coefficients)
         return self.table[token_ids]
 
-    def forward(self, x: Tensor, token_ids=None) -> Routing:
+    def forward(self, x: Tensor, token_ids=None, valid=None) -> Routing:
         if token_ids is None:
             raise ValueError("--moe-gate hash routes by token id, but this MoE layer was given no token ids")
         expert = self.expert_of(token_ids.reshape(-1))
@@ -101,4 +108,5 @@ class HashGate(Gate):
             probs=None,
             balance_loss=zero,
             z_loss=zero,
+            valid=valid,
         )

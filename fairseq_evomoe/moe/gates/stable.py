@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from fairseq.dataclass import FairseqDataclass
 from torch import Tensor
 
-from .base import Routing, fp32_linear, register_gate, router_z_loss, switch_balance_loss
+from .base import Routing, fp32_linear, register_gate, router_z_loss, switch_balance_loss, token_mean
+from ..host_flag import HostFlag
 from .top_k import RouterGate
 
 NO_DICTIONARY_ROWS = 1024
@@ -78,10 +79,11 @@ class StableMoEGate(RouterGate):
         self.distill_proj = nn.Linear(dim, num_experts, bias=False)
         self.register_buffer("frozen_table", torch.zeros(self.vocab, dtype=torch.long))
         self.register_buffer("frozen", torch.tensor(False))
+        self._frozen_flag = HostFlag()
 
     @property
     def stage(self) -> int:
-        return 2 if bool(self.frozen) else 1
+        return 2 if self._frozen_flag(self.frozen) else 1
 
     def set_num_updates(self, num_updates: int) -> None:
         stage2 = 0 <= self.stage2_update <= num_updates
@@ -101,7 +103,7 @@ class StableMoEGate(RouterGate):
     def distilled_logits(self, token_ids: Tensor) -> Tensor:
         return fp32_linear(self.distill_embed(token_ids % self.vocab), self.distill_proj.weight)
 
-    def forward(self, x: Tensor, token_ids=None) -> Routing:
+    def forward(self, x: Tensor, token_ids=None, valid=None) -> Routing:
         if token_ids is None:
             raise ValueError("--moe-gate stablemoe routes by token id, but this MoE layer was given no token ids")
         ids = token_ids.reshape(-1)
@@ -115,9 +117,9 @@ class StableMoEGate(RouterGate):
             extra = sum(p.float().sum() for p in params) * 0.0  # exact zero gradient, see docstring
         else:
             expert = logits.detach().argmax(dim=-1)
-            balance, z = switch_balance_loss(probs, expert, self.num_experts), router_z_loss(logits)
-            distill = F.cross_entropy(self.distilled_logits(ids), expert) if ids.numel() else zero
-            extra = self.distill_wt * distill
+            balance = switch_balance_loss(probs, expert, self.num_experts, valid)
+            z = router_z_loss(logits, valid)
+            extra = self.distill_wt * self.distill_loss(ids, expert, valid)
         chosen = logits.gather(1, expert[:, None]).squeeze(1)
         weight = torch.sigmoid(chosen)
         return Routing(
@@ -130,4 +132,13 @@ class StableMoEGate(RouterGate):
             balance_loss=balance,
             z_loss=z,
             extra_loss=extra,
+            valid=valid,
         )
+
+    def distill_loss(self, ids: Tensor, expert: Tensor, valid) -> Tensor:
+        """Cross-entropy of the distilled router against the stage-1 choice, mean over (valid) tokens."""
+        if ids.numel() == 0:
+            return self.distill_proj.weight.new_zeros((), dtype=torch.float)
+        if valid is None:
+            return F.cross_entropy(self.distilled_logits(ids), expert)
+        return token_mean(F.cross_entropy(self.distilled_logits(ids), expert, reduction="none"), valid)

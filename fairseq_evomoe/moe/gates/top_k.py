@@ -5,7 +5,8 @@ top1: p = softmax(W_g x); each token goes to argmax p with weight p_max.
 top2: the first expert is argmax p; the second is chosen by `--moe-second-expert-policy`:
       `all` (always the runner-up), `sampling` (argmax of logits + Gumbel noise among the other
       experts, as fairseq), `random` (the runner-up, kept with probability min(1, 2 p_2), as
-      GShard). Weights are p_1 and p_2 renormalised to sum to 1. The balance loss counts first
+      GShard; a runner-up not kept stays in the routing, marked invalid, so that shapes are
+      static). Weights are p_1 and p_2 renormalised to sum to 1. The balance loss counts first
       choices only (the GShard convention, also used by fairseq and DeepSpeed).
 """
 
@@ -36,7 +37,7 @@ class RouterGate(Gate):
 
 @register_gate("top1")
 class Top1Gate(RouterGate):
-    def forward(self, x: Tensor, token_ids=None) -> Routing:
+    def forward(self, x: Tensor, token_ids=None, valid=None) -> Routing:
         logits = self.router(x)
         probs = logits.softmax(dim=-1)
         weight, expert = probs.max(dim=-1)
@@ -48,8 +49,9 @@ class Top1Gate(RouterGate):
             priority=weight.detach(),
             rank=None,
             probs=probs,
-            balance_loss=switch_balance_loss(probs, expert, self.num_experts),
-            z_loss=router_z_loss(logits),
+            balance_loss=switch_balance_loss(probs, expert, self.num_experts, valid),
+            z_loss=router_z_loss(logits, valid),
+            valid=valid,
         )
 
 
@@ -77,7 +79,7 @@ class Top2Gate(RouterGate):
                 f"--moe-second-expert-policy {self.policy!r} is not valid; choose one of: {', '.join(SECOND_EXPERT_POLICIES)}"
             )
 
-    def forward(self, x: Tensor, token_ids=None) -> Routing:
+    def forward(self, x: Tensor, token_ids=None, valid=None) -> Routing:
         logits = self.router(x)
         probs = logits.softmax(dim=-1)
         first = probs.argmax(dim=-1)
@@ -94,19 +96,19 @@ class Top2Gate(RouterGate):
         w1, w2 = p1 / denom, p2 / denom
 
         tokens = torch.arange(x.shape[0], device=x.device)
-        second_choices = (tokens, second, w2, p2)
+        valid2 = valid
         if self.training and self.policy == "random":  # the runner-up kept with probability min(1, 2 p2)
-            kept = ((2 * p2.detach()) > torch.rand_like(p2)).nonzero().squeeze(1)
-            second_choices = tuple(t.index_select(0, kept) for t in second_choices)
-        token2, second, w2, p2 = second_choices
+            kept = (2 * p2.detach()) > torch.rand_like(p2)
+            valid2 = kept if valid is None else kept & valid
         return Routing(
-            token_idx=torch.cat([tokens, token2]),
+            token_idx=torch.cat([tokens, tokens]),
             expert_idx=torch.cat([first, second]),
             weight=torch.cat([w1, w2]),
             priority=torch.cat([p1, p2]).detach(),
             rank=torch.cat([torch.zeros_like(first), torch.ones_like(second)]),
             probs=probs,
-            balance_loss=switch_balance_loss(probs, first, self.num_experts),
-            z_loss=router_z_loss(logits),
+            balance_loss=switch_balance_loss(probs, first, self.num_experts, valid),
+            z_loss=router_z_loss(logits, valid),
             capacity_k=2,
+            valid=None if valid2 is None else torch.cat([torch.ones_like(valid2) if valid is None else valid, valid2]),
         )

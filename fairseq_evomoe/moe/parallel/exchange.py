@@ -1,8 +1,14 @@
 """Running the experts of a layer over the workers that hold them.
 
 `run_experts(placement, experts, x, counts)` takes tokens grouped by *global* expert (counts[e]
-rows for expert e) and returns the expert outputs in the same order. In one process it is the
-experts' own grouped computation.
+rows for expert e, then rows of no expert: assignments not kept) and returns the expert outputs in
+the same order (0 for the rows of no expert). In one process it is the experts' own grouped
+computation.
+
+Host reads: under expert parallelism the layer reads on the host once per forward, after the
+count exchange: the split sizes of the token all-to-all (sent and received) and the local experts'
+group sizes, in one copy. all_to_all_single needs its split sizes on the host; everything else in
+the layer step stays on the device (moe/layer.py). In one process there is no such read.
 
 Exchange: a worker sends each token to the worker of its block that holds the token's expert, with
 `all_to_all_single` over the world group and uneven splits (peers outside the block get 0 rows).
@@ -25,6 +31,7 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..experts import EXPERT_PARAM_NAMES
@@ -68,9 +75,16 @@ def data_parallel_params(experts, placement: ExpertPlacement) -> Optional[List[T
     return _wrapped_params(experts, placement, None, True, placement.world_size)
 
 
-def run_experts(placement: ExpertPlacement, experts, x: Tensor, counts: Tensor) -> Tensor:
+def run_experts(placement: ExpertPlacement, experts, x: Tensor, counts: Tensor, max_rows: Optional[int] = None) -> Tensor:
+    """x: [P, M] grouped by global expert, then rows of no expert (output 0); max_rows: a host
+    bound on every count (None: none), for the experts' batched path."""
     if not placement.is_distributed:
-        return experts(x, counts)
+        return experts(x, counts, max_rows=max_rows)
+    y = exchange_and_run(placement, experts, x, counts)  # the grouped rows come first
+    return F.pad(y, (0, 0, 0, x.shape[0] - y.shape[0]))
+
+
+def exchange_and_run(placement: ExpertPlacement, experts, x: Tensor, counts: Tensor) -> Tensor:
     W, L, P = placement.world_size, placement.num_local_experts, placement.block_size
     assert experts.num_experts == L, (experts.num_experts, L)
     # send_counts[d, l]: rows for local expert l of rank d (0 outside this worker's block)
@@ -78,13 +92,15 @@ def run_experts(placement: ExpertPlacement, experts, x: Tensor, counts: Tensor) 
     start = (placement.rank // P) * P
     send_counts[start : start + P] = counts.reshape(P, L)
     recv_counts = all_to_all_rows(send_counts.reshape(-1), [L] * W, [L] * W, placement.group).reshape(W, L)
-    in_splits = send_counts.sum(1).tolist()
-    out_splits = recv_counts.sum(1).tolist()
+    # the layer's one host read: the split sizes, sent and received, and the local group sizes
+    host = torch.cat([send_counts.sum(1), recv_counts.sum(1), recv_counts.sum(0)]).tolist()
+    in_splits, out_splits, local_counts = host[:W], host[W : 2 * W], host[2 * W :]
 
+    x = x[: sum(in_splits)]  # the grouped rows
     recv = all_to_all(x, out_splits, in_splits, placement.group)  # grouped by (source, local expert)
     local_ids = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_counts.reshape(-1).to(x.device))
     order = torch.argsort(local_ids, stable=True)  # -> grouped by local expert
-    y_sorted = local_forward(placement, experts, recv[order], recv_counts.sum(0).tolist())
+    y_sorted = local_forward(placement, experts, recv[order], local_counts)
     y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to (source, local expert)
     return all_to_all(y, in_splits, out_splits, placement.group)
 

@@ -49,6 +49,9 @@ def test_spawn_scale_per_mode(lm_data, evomoe_checkpoints, tmp_path):
         # zeroing half of each matrix shrinks the output; rescaling by 1/(1-r) undoes part of it
         assert all(m < c for m, c in zip(r["modes"]["mask"][routing], copies))
         assert all(m < s for m, s in zip(r["modes"]["mask"][routing], r["modes"]["mask-rescale"][routing]))
+    # the spawned layer routes: top-1 weights each token's output by p_max < 1 of a fresh gate, the soft
+    # phase at tau_max mixes (nearly) every expert with weights summing to (nearly) 1
+    assert all(t < s for t, s in zip(r["modes"]["copy"]["top1"], r["modes"]["copy"]["soft"]))
     assert "mask-rescale" in proc.stdout
 
 

@@ -136,5 +136,5 @@ Quickstart finished in $(( (T1 - T0) / 60 )) min $(( (T1 - T0) % 60 )) s. Everyt
   checkpoint                      $CKPT
   test perplexity                 $OUT/eval/ppl.test.json
   plots                           $OUT/plots/routing.png, expert_load_*.png, validation.png
-Next: bash scripts/evaluate_lm.sh --help, python scripts/compare_gates.py --help, configs/README.md
+Next: bash scripts/evaluate_lm.sh --help, python benchmarks/compare_gates.py --help, configs/README.md
 DONE

@@ -1,11 +1,12 @@
-"""scripts/compare/efficiency.py: what a gate spends to reach Switch's final validation loss."""
+"""benchmarks/compare/efficiency.py: what a gate spends to reach Switch's final validation loss."""
 
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # plot_routing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from compare.efficiency import compute_at, cost_to_reach_switch, updates_to_reach, verdict  # noqa: E402
 

@@ -13,13 +13,14 @@ import pytest
 from conftest import REPO, USER_DIR, run_cli, shared_data_dir
 
 SCRIPTS = REPO / "scripts"
+BENCHMARKS = REPO / "benchmarks"  # the comparison harness and benchmarks
 
 
 def sh(script, *args, check=True, timeout=300):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    cmd = ["bash", str(SCRIPTS / script), *map(str, args)] if script.endswith(".sh") else \
-        [sys.executable, str(SCRIPTS / script), *map(str, args)]
+    path = BENCHMARKS / script if (BENCHMARKS / script).exists() else SCRIPTS / script
+    cmd = ["bash", str(path), *map(str, args)] if script.endswith(".sh") else [sys.executable, str(path), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -187,8 +188,9 @@ def test_plot_routing_on_real_log(comparison, tmp_path):
 # ------------------------------------------------------------------ reruns, settings, paths (fast; stubbed tools)
 
 def _import_script(name):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
+    for folder in (SCRIPTS, BENCHMARKS):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
     import importlib
 
     return importlib.import_module(name)

@@ -8,8 +8,8 @@ The DTS gate dispatches only the selected (token, expert) pairs, so its step tim
 mean number of experts per token; the script fits time = a + b * experts_per_token and prints it.
 Measured results: docs/benchmarks.md.
 
-    python scripts/bench_dts.py                 # CPU (default)
-    python scripts/bench_dts.py --device cuda --dtype bfloat16
+    python benchmarks/bench_dts.py                 # CPU (default)
+    python benchmarks/bench_dts.py --device cuda --dtype bfloat16
 """
 
 import argparse

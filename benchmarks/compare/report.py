@@ -57,7 +57,7 @@ def setting_lines(a: argparse.Namespace, cmdline: str) -> List[str]:
     lines = [
         "# Gate comparison: EvoMoE vs. the baselines (small scale, real data)",
         "",
-        f"Written by `scripts/compare_gates.py` on {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"Written by `benchmarks/compare_gates.py` on {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
         f"Command: `{cmdline}`",
         "",
@@ -240,7 +240,7 @@ CLOSING = [
     "counterpart. Where EvoMoE does not win here, that is reported as measured.",
     "",
     "To run bigger (GPU): see docs/reproduction.md, e.g.",
-    "`python scripts/compare_gates.py --gpu --size small --updates 20000 --max-tokens 8192 --seeds 1,2,3`.",
+    "`python benchmarks/compare_gates.py --gpu --size small --updates 20000 --max-tokens 8192 --seeds 1,2,3`.",
     "",
 ]
 

@@ -28,10 +28,10 @@ the output says so. Prepared data
 goes to <work dir>/data/<corpus>_spm<V>[_<N>l_<M>e] with its settings in settings.json; data prepared
 with other settings is never reused (a new folder <name>-2, -3, ... is prepared instead).
 
-  python scripts/compare_gates.py --jobs 2                         # the default comparison
-  python scripts/compare_gates.py --tasks lm --gates switch,evomoe --seeds 1 --updates 20   # smoke
-  python scripts/compare_gates.py --gpu --size small --updates 20000 --seeds 1,2,3       # bigger, GPU
-  python scripts/compare_gates.py ... --report-only     # the same options: report the runs finished so far
+  python benchmarks/compare_gates.py --jobs 2                         # the default comparison
+  python benchmarks/compare_gates.py --tasks lm --gates switch,evomoe --seeds 1 --updates 20   # smoke
+  python benchmarks/compare_gates.py --gpu --size small --updates 20000 --seeds 1,2,3       # bigger, GPU
+  python benchmarks/compare_gates.py ... --report-only     # the same options: report the runs finished so far
 """
 
 import argparse
@@ -41,8 +41,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))  # the compare package and plot_routing live next to this file
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "scripts"))  # plot_routing
+sys.path.insert(0, str(HERE))  # the compare package
 
 from compare import cli  # noqa: E402
 from compare.commands import log  # noqa: E402
@@ -74,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     --report-only writes the report from the finished runs alone."""
     a = parse_args(argv)
     given = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only"]  # the report names the comparison's command
-    cmdline = "python scripts/compare_gates.py " + " ".join(shlex.quote(x) for x in given)
+    cmdline = "python benchmarks/compare_gates.py " + " ".join(shlex.quote(x) for x in given)
     env = thread_env(a)
     jobs = [(t, g, s) for s in a.seeds for t in a.tasks for g in a.gates]  # seed by seed: a stopped run leaves whole seeds
     if a.dry_run:

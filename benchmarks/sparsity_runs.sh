@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs behind docs/sparsity.md: DTS gate, --dts-sparsity scheduled vs threshold (the paper's rule),
 # tiny 4-layer GPT on WikiText-2, CPU. Raw JSON logs go to LOG_DIR (default /tmp/sparsity_logs);
-# the tables of docs/sparsity.md are printed at the end (also: bash scripts/sparsity_runs.sh --tables).
+# the tables of docs/sparsity.md are printed at the end (also: bash benchmarks/sparsity_runs.sh --tables).
 #
 #   (with fairseq-train on PATH, e.g. . .venv/bin/activate)
 #   bash scripts/prepare_wikitext.sh --out-dir /tmp/wt2     # once: -> /tmp/wt2/bin
-#   bash scripts/sparsity_runs.sh                           # 7 runs, 2 at a time, 1 thread each
+#   bash benchmarks/sparsity_runs.sh                           # 7 runs, 2 at a time, 1 thread each
 set -euo pipefail
 
 DATA=${DATA:-/tmp/wt2/bin}

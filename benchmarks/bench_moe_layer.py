@@ -7,9 +7,9 @@ reported as ratios. Forward + backward, fp32 on CPU (fp32 or --dtype on GPU). `-
 also times the same expert FFNs on equal groups with no routing: the ceiling for per-expert matmuls
 at that size (opt-in, as every extra model changes the allocation pattern the others see).
 
-    python scripts/bench_moe_layer.py                      # the CPU sweep (docs/benchmarks.md has measured tables)
-    python scripts/bench_moe_layer.py --quick              # a smaller sweep
-    python scripts/bench_moe_layer.py --device cuda --dtype bfloat16
+    python benchmarks/bench_moe_layer.py                      # the CPU sweep (docs/benchmarks.md has measured tables)
+    python benchmarks/bench_moe_layer.py --quick              # a smaller sweep
+    python benchmarks/bench_moe_layer.py --device cuda --dtype bfloat16
 
 Memory: on CUDA the peak allocated memory of one fwd+bwd; on CPU the activations kept for the
 backward (bytes of the tensors autograd saves), which is what grows with the dispatch method.

@@ -1,4 +1,4 @@
-"""The parts of scripts/compare_gates.py, one job per module:
+"""The parts of benchmarks/compare_gates.py, one job per module:
 
   flags       gate configs and comparison options -> the fairseq-train command of a run
   commands    running an external tool with its output in a log file; progress lines
@@ -10,10 +10,11 @@
   report      the Markdown report: tables, plots and the plain-language verdict
   cli         the command-line options
 
-Imported with scripts/ on sys.path (as it is when compare_gates.py runs), which also provides plot_routing.
+Imported with benchmarks/ and scripts/ on sys.path (as they are when compare_gates.py runs); scripts/
+provides plot_routing and the data-preparation and evaluation scripts.
 """
 
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent.parent
-REPO = SCRIPTS.parent
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts"

@@ -25,8 +25,9 @@ def moe_args(**overrides) -> Namespace:
 
 
 def make_layer(gate="top1", num_experts=4, dim=16, ffn=32, capacity_factor=0.0, eval_capacity_factor=0.0,
-               drop_policy="score", seed=0, diversify=False, **gate_args) -> MoELayer:
-    """diversify: an EvoMoE layer in its expert-diversify phase (not spawned; the controller or
+               drop_policy="score", seed=0, diversify=False, stats=True, **gate_args) -> MoELayer:
+    """stats: the layer computes its routing statistics on every forward (as when a step logs).
+    diversify: an EvoMoE layer in its expert-diversify phase (not spawned; the controller or
     `layer.spawn()` spawns it), with this DiversifyPlan (True: one that never spawns by itself);
     else a plain MoELayer."""
     torch.manual_seed(seed)
@@ -37,8 +38,11 @@ def make_layer(gate="top1", num_experts=4, dim=16, ffn=32, capacity_factor=0.0, 
     gate = build_gate(gate, dim, num_experts, args)
     if diversify:
         plan = diversify if isinstance(diversify, DiversifyPlan) else DiversifyPlan(updates=10**9, spawn=SpawnSettings())
-        return DiversifyingMoELayer(gate, experts, plan, **options)
-    return MoELayer(gate, experts, **options)
+        layer = DiversifyingMoELayer(gate, experts, plan, **options)
+    else:
+        layer = MoELayer(gate, experts, **options)
+    layer.collect_stats = stats  # the routing statistics, as on a step fairseq logs
+    return layer
 
 
 def fast_and_reference(layer: MoELayer, x: torch.Tensor, token_ids=None, seed=0):

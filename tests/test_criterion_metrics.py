@@ -137,7 +137,8 @@ def test_uneven_batches_reduce_to_the_pooled_counts(uneven):
     assert_metrics(got, pooled_reference(mds))
     # the raw counts are not log columns
     assert not [k for k in got if k.startswith("_")]
-    assert set(got) == ROUTING_KEYS | {"inner_loss", "moe_gate_loss", "moe_phase", "moe_expert_compute"}
+    assert set(got) == ROUTING_KEYS | {"inner_loss", "moe_gate_loss", "moe_phase", "moe_expert_compute",
+                                     "moe_router_logit_std", "moe_router_top_gap"}
 
 
 def test_logging_outputs_summed_across_workers_reduce_the_same(uneven):

@@ -89,8 +89,25 @@ def test_bad_hard_phase_options_are_named(option, value):
         hard_gate(**{option: value})
 
 
+@pytest.mark.parametrize("gate", ["top1", "top2", "hash", "stablemoe", "dts"])
+def test_between_log_lines_a_layer_leaves_only_its_losses_and_kept_count(gate):
+    """collect_stats off (a training update fairseq does not log, or generation): the metadata holds
+    the losses the criterion adds and the kept assignments (the expert compute count), nothing else."""
+    layer = make_layer(gate, num_experts=E, seed=0, capacity_factor=1.0, stats=False).train()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(4, 50, (64,), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    layer(x, ids)
+    assert set(layer.metadata) <= {"balance_loss", "z_loss", "extra_loss", "kept_assignments"}
+    kept = layer.metadata["kept_assignments"].item()
+    layer.collect_stats = True
+    torch.manual_seed(0)  # the same noise: collecting statistics draws no random numbers
+    layer(x, ids)
+    assert layer.metadata["tokens_per_expert"].sum().item() == kept > 0
+
+
 def test_router_statistics_are_computed_only_when_collected():
-    layer = make_layer("top1", num_experts=E, seed=0).train()
+    layer = make_layer("top1", num_experts=E, seed=0, stats=False).train()
     x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     layer(x)
     assert not any(k.startswith("stat_") for k in layer.metadata)
@@ -122,9 +139,10 @@ class ToyCriterion(MoELossMixin, ToyTaskLoss):
 
 
 def hard_dts_layers():
+    """Two layers whose statistics the criterion switches on and off, as in fairseq-train."""
     model = nn.ModuleList([make_layer("dts", num_experts=E, seed=0, dts_anneal_updates=10, dts_hard_update=10,
-                                      evomoe_diversify_updates=0),
-                           make_layer("top1", num_experts=E, seed=1)])
+                                      evomoe_diversify_updates=0, stats=False),
+                           make_layer("top1", num_experts=E, seed=1, stats=False)])
     model[0].layer_name, model[1].layer_name = "enc0", "dec0"
     return model
 
@@ -263,3 +281,31 @@ def test_the_criterion_reads_fairseq_trains_log_interval(lm_data, criterion, fai
     crit = tasks.setup_task(cfg.task).build_criterion(cfg.criterion)
     assert crit.log_interval == 7 and crit.moe_soft_gate_loss_wt == 0.5
     assert [n for n in range(20) if crit.logs_after_this_update(n)] == [6, 13]
+
+
+def test_expert_compute_counts_every_update_while_statistics_come_with_log_lines():
+    """--log-interval 3 over 6 updates: the logging outputs of updates 1, 2, 4, 5 carry no routing
+    statistics, only the kept assignments as a tensor (added up without a host read); the logged
+    moe_expert_compute at updates 3 and 6 still counts every update's kept assignments."""
+    from fairseq_evomoe.criterions.moe_loss import TRAINING_KEPT
+
+    model, crit = hard_dts_layers().train(), ToyCriterion(log_interval=3)
+    metrics.reset()
+    try:
+        kept, shown = [], {}
+        for num_updates in range(6):
+            set_updates(model, num_updates)
+            x = torch.randn(50 + num_updates, 16, generator=torch.Generator().manual_seed(num_updates))
+            with metrics.aggregate("train_inner"), metrics.aggregate() as step:  # as fairseq's trainer, every update
+                _, _, log = crit.forward(model, x)
+                kept.append(sum(m.metadata["kept_assignments"].item() for m in model))
+                assert torch.is_tensor(log[TRAINING_KEPT])
+                statistics = [k for k in log if k.startswith(("_moe_", "moe_")) and k not in (TRAINING_KEPT, "moe_gate_loss")]
+                assert bool(statistics) == ((num_updates + 1) % 3 == 0), statistics
+                reduce_moe_metrics([log])
+                values = step.get_smoothed_values()
+            if "moe_expert_compute" in values:
+                shown[num_updates + 1] = values["moe_expert_compute"]
+        assert shown == {3: round(sum(kept[:3])), 6: round(sum(kept))}
+    finally:
+        metrics.reset()

@@ -17,11 +17,13 @@ Losses:
   nll_loss, ppl        of the task loss alone, per predicted token (never includes the MoE loss);
                        nll_loss appears where fairseq logs it (--sentence-avg, translation)
 
-Routing metrics. Each logging output carries sums per MoE layer (python floats that add up across
-micro-batches, workers and validation batches; their keys start with "_" and are never shown).
-A logged value is computed per layer from those sums over everything the log line covers (the
-micro-batches and workers of the updates since the last line, or the whole validation set), then
-averaged over the MoE layers; a 4-token batch weighs 4 tokens. The load statistics (busiest,
+Routing metrics are computed on the training updates fairseq writes a log line after (the MoE
+criteria read --log-interval and set the layers' `collect_stats` for those updates' forwards) and
+in validation, never between log lines or at generation. A logging output of such a forward
+carries sums per MoE layer (python floats that add up across micro-batches, workers and validation
+batches; their keys start with "_" and are never shown). A logged value is computed per layer from
+those sums over everything the line covers (the micro-batches and workers of the logged update,
+or the whole validation set), then averaged over the MoE layers; a 4-token batch weighs 4 tokens. The load statistics (busiest,
 idlest, unused) are those of each forward, the load its capacity acted on, as a token-weighted
 mean. "Assignment" = one (token, expert) pair chosen by the gate; a token sent to 2 experts makes 2.
 
@@ -39,8 +41,6 @@ mean. "Assignment" = one (token, expert) pair chosen by the gate; a token sent t
   moe_router_top_gap          mean over tokens of the gap between the two largest router logits (nats)
   moe_hard_eval_agree_pct     DTS gate, hard phase: % of tokens whose training expert is argmax(l), the
                               one evaluation routes them to
-                              (these three are computed on the updates fairseq logs and in validation
-                              only: a training line shows the last update's forwards)
   moe_expert_compute          expert compute spent by training so far, cumulative over the run: kept
                               (token, expert) assignments summed over the MoE layers, i.e. expert FFN
                               passes of one token (a dense FFN layer would count one per token); in
@@ -156,11 +156,11 @@ class MoELossMixin:
             loss = loss + gate_term
         logging_output["loss"] = loss.data
         logging_output["moe_gate_loss"] = gate_term.data
-        if layers:
-            summary = routing_summary(layers, self.moe_log_expert_load)
-            logging_output.update(summary)
-            if model.training:  # expert compute spent by training (validation's is not counted)
-                logging_output[TRAINING_KEPT] = sum(v for k, v in summary.items() if k.startswith("_moe_kept_"))
+        if layers and model.training:  # expert compute spent by training (validation's is not counted)
+            logging_output[TRAINING_KEPT] = sum(m.metadata["kept_assignments"] for m in layers)
+        reporting = [m for m in layers if "num_tokens" in m.metadata]  # the layers that collected statistics
+        if reporting:
+            logging_output.update(routing_summary(reporting, self.moe_log_expert_load))
         return loss, sample_size, logging_output
 
 
@@ -300,12 +300,19 @@ def reduce_moe_metrics(logging_outputs) -> None:
     if sample_size > 0:
         metrics.log_scalar("inner_loss", inner / sample_size / math.log(2), sample_size, round=3)
         metrics.log_scalar("moe_gate_loss", gate / sample_size / math.log(2), sample_size, round=4)
+    # training's kept assignments accumulate in an aggregator of their own, which fairseq never
+    # resets and saves in checkpoints with its other metrics; between log lines they are a device
+    # tensor, added without reading it on the host
+    with metrics.aggregate(EXPERT_COMPUTE):
+        metrics.log_scalar_sum(EXPERT_COMPUTE, _total(logging_outputs, TRAINING_KEPT))
     count = float(_total(logging_outputs, "moe_count"))
-    if count == 0:
+    if count == 0:  # no layer collected statistics (an update fairseq does not log)
         return
     keys = sorted({k for log in logging_outputs for k in log if k.startswith(("_moe_", "moe_"))})
     layers, experts = [], {}
     for k in keys:
+        if k == TRAINING_KEPT:
+            continue
         if k.startswith("_moe_"):
             metrics.log_scalar_sum(k, float(_total(logging_outputs, k)))
             if k.startswith("_moe_tokens_"):
@@ -321,10 +328,6 @@ def reduce_moe_metrics(logging_outputs) -> None:
         metrics.log_derived(f"moe_{count}_pct", partial(_token_count_pct, count, layers), priority=10)
     for name in _layer_suffixed(STAT, keys, layers):
         metrics.log_derived(f"moe_{name}", partial(_sampled_mean, name, layers), priority=10)
-    # training's kept assignments accumulate in an aggregator of their own, which fairseq never
-    # resets and saves in checkpoints with its other metrics
-    with metrics.aggregate(EXPERT_COMPUTE):
-        metrics.log_scalar_sum(EXPERT_COMPUTE, float(_total(logging_outputs, TRAINING_KEPT)))
     metrics.log_derived("moe_expert_compute", _expert_compute_spent, priority=10)
     for layer, num_experts in sorted(experts.items()):
         for e in range(num_experts):

@@ -150,19 +150,23 @@ class DiversifyingMoELayer(MoELayer):
         n = torch.tensor(float(x.shape[0])) if valid is None else valid.sum().float()
         if valid is not None:
             y = torch.where(valid[:, None], y, 0)
-        zeros_e = x.new_zeros(self.num_experts, dtype=torch.float)
-        zeros_e[0] = n
         self.metadata = {
             "balance_loss": x.new_zeros((), dtype=torch.float) + zero,
             "z_loss": x.new_zeros((), dtype=torch.float),
-            "num_tokens": n,
-            "tokens_per_expert": zeros_e.detach(),
-            "routed_per_expert": zeros_e.detach(),
-            "dropped_frac": torch.tensor(0.0),
-            "experts_per_token": torch.tensor(1.0),
-            "tokens_unserved": torch.tensor(0.0),
-            "router_entropy": torch.tensor(0.0),
+            "kept_assignments": n.double(),
         }
+        if self.collect_stats:
+            zeros_e = x.new_zeros(self.num_experts, dtype=torch.float)
+            zeros_e[0] = n
+            self.metadata.update({
+                "num_tokens": n,
+                "tokens_per_expert": zeros_e.detach(),
+                "routed_per_expert": zeros_e.detach(),
+                "dropped_frac": torch.tensor(0.0),
+                "experts_per_token": torch.tensor(1.0),
+                "tokens_unserved": torch.tensor(0.0),
+                "router_entropy": torch.tensor(0.0),
+            })
         return y + zero.to(y.dtype)
 
     # -- checkpoints -------------------------------------------------------------------------

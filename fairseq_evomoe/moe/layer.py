@@ -15,11 +15,11 @@ for), so that means over tokens and random draws cover exactly the real tokens, 
 identical to the last bit to those of the layer before it became static (a sum over rows with
 zero rows in between rounds differently; a draw over more rows moves every later random number).
 
-After each forward the layer leaves `self.metadata`: its balance loss and z-loss (tensors in the
-graph) and routing statistics (detached tensors, no host sync), which the MoE criteria read.
-Statistics only wanted on steps that log (the router's logit spread, the gate's sampled
-statistics) are computed when `collect_stats` is set: the MoE criteria set it for validation and
-for training steps that fairseq logs, never at generation.
+After each forward the layer leaves `self.metadata`, which the MoE criteria read: its balance loss
+and z-loss (tensors in the graph) and its kept assignments (one detached scalar, for the expert
+compute count); the routing statistics (detached tensors, no host sync) only when `collect_stats`
+is set, which the MoE criteria do for validation and for the training updates fairseq logs: between
+log lines and at generation a layer computes nothing else.
 """
 
 from typing import Dict, List, Optional
@@ -153,13 +153,21 @@ class MoELayer(nn.Module):
 
     def routing_stats(self, routing: Routing, plan: DispatchPlan, num_rows: int, target: Tensor,
                       valid: Optional[Tensor]) -> Dict[str, Tensor]:
-        """target: the token of each assignment in plan order, num_rows for those not kept."""
+        """The layer's losses and its kept assignments (for the expert compute count) on every
+        forward; the routing statistics only when `collect_stats` is set. target: the token of each
+        assignment in plan order, num_rows for those not kept."""
+        stats = {"balance_loss": routing.balance_loss.float(), "z_loss": routing.z_loss.float()}
+        if routing.extra_loss is not None:
+            stats["extra_loss"] = routing.extra_loss.float()
         with torch.no_grad():
+            stats["kept_assignments"] = plan.counts.sum().double()
+            if not self.collect_stats:
+                return stats
             num_tokens = torch.tensor(float(num_rows)) if valid is None else valid.sum().float()
             n = num_tokens.clamp(min=1)
             routed = plan.routed_counts.float()
             served = target.new_zeros(num_rows + 1, dtype=torch.bool).index_fill_(0, target, True)[:-1]
-            stats = {
+            stats.update({
                 "num_tokens": num_tokens,
                 "tokens_per_expert": plan.counts.float(),
                 "routed_per_expert": routed,
@@ -169,20 +177,15 @@ class MoELayer(nn.Module):
                 "experts_per_token": routed.sum() / n,
                 # tokens that kept no expert (their output is 0: the residual passes them through)
                 "tokens_unserved": num_tokens - served.sum(),
-            }
+            })
             if routing.probs is not None and routing.probs.shape[0] > 0:
                 p = routing.probs.float()
                 stats["router_entropy"] = -token_mean((p * torch.log(p.clamp(min=1e-9))).sum(-1), valid)
             else:
                 stats["router_entropy"] = torch.tensor(0.0)
-        if self.collect_stats:
             stats.update(router_stats(routing, valid))
-        stats["balance_loss"] = routing.balance_loss.float()
-        stats["z_loss"] = routing.z_loss.float()
-        if routing.extra_loss is not None:
-            stats["extra_loss"] = routing.extra_loss.float()
-        for name, count in (routing.token_counts or {}).items():
-            stats[f"token_count_{name}"] = count.detach().float()
+            for name, count in (routing.token_counts or {}).items():
+                stats[f"token_count_{name}"] = count.detach().float()
         return stats
 
     # -- a slow, obviously correct reference, for tests only ---------------------------------

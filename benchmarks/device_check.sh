@@ -85,8 +85,9 @@ section() {
   fi
   (( limit <= left )) || limit=$left
   step "$title (at most $limit s)"
-  report start --title "$title" --limit "$limit" --command "$(printf '%q ' "$@")"
-  local t0 rc=0
+  local cmd t0 rc=0
+  cmd="$(printf '%q ' "$@")"
+  report start --title "$title" --limit "$limit" --command "${cmd% }"
   t0=$(date +%s.%N)
   timeout --kill-after 10 "$limit" "$@" >"$log" 2>&1 </dev/null || rc=$?
   LAST_RC=$rc

@@ -69,7 +69,7 @@ def test_every_phase_needs_phases_0_1_2_and_finite_losses(tmp_path):
     rows[1]["loss"] = "inf"
     overflow = "2026-12-06 | INFO | fairseq.trainer | NOTE: gradient overflow detected, ignoring gradient\n"
     inf = checks.every_phase([fairseq_log(tmp_path / "c.log", rows, extra=overflow)])
-    assert not inf.ok and "all finite: False" in inf.lines[1] and inf.lines[2].endswith("skipped: 1")
+    assert not inf.ok and "all finite: False" in inf.lines[1] and inf.lines[2].endswith("(fp16 loss scaling): 1")
 
 
 def test_expert_parallel_needs_the_second_worker(tmp_path):
@@ -118,7 +118,8 @@ def test_pytest_logs_are_read(tmp_path):
     assert seconds["tests/test_sync_free.py::test_training_step_never_waits_for_the_gpu[top1-fp32]"] == 0.41
     (tmp_path / "sync.log").write_text(PYTEST_SYNC_LOG)
     table = checks.sync_table([str(tmp_path / "sync.log")])
-    assert not table.ok and table.lines[0].startswith("- 2 of 3 gate x dtype cases")
+    assert not table.ok and table.lines[0] == "- pytest: 2 passed, 1 failed, 95 deselected"
+    assert table.lines[1].startswith("- 2 of 3 gate x dtype cases")
     assert "| case | fp32 | bf16 |" in table.lines
     assert "| top2-all | not run | no host sync (50 ms) |" in table.lines
     assert "| stablemoe-stage2 | FAILED (70 ms) | not run |" in table.lines

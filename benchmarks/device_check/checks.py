@@ -41,12 +41,13 @@ def sync_table(logs: List[str]) -> Outcome:
     cells: Dict[str, Dict[str, str]] = {}
     dtypes: List[str] = []
     for test_id, outcome in outcomes.items():
-        case, dtype = params_of(test_id)
+        params = params_of(test_id)
+        case, dtype = params if len(params) == 2 else (test_id, "")
         dtypes += [dtype] if dtype not in dtypes else []
         took = f" ({1000 * seconds[test_id]:.0f} ms)" if test_id in seconds else ""
         cells.setdefault(case, {})[dtype] = ("no host sync" if outcome == "PASSED" else outcome) + took
     ok = bool(outcomes) and all(o == "PASSED" for o in outcomes.values())
-    lines = [f"- {sum(o == 'PASSED' for o in outcomes.values())} of {len(outcomes)} gate x dtype cases ran a "
+    lines = pytest_run(logs).lines[:1] + [f"- {sum(o == 'PASSED' for o in outcomes.values())} of {len(outcomes)} gate x dtype cases ran a "
              "training step (capacity factor 1.25, padded token ids) without a host synchronisation"]
     if cells:
         lines += ["", "| case | " + " | ".join(dtypes) + " |", "|---|" + "---|" * len(dtypes)]
@@ -64,7 +65,7 @@ def every_phase(logs: List[str]) -> Outcome:
              f"last update {info['updates']}",
              f"- loss: first {losses[0]:.3f}, last {losses[-1]:.3f}; all finite: {info['finite']}" if losses
              else "- no loss logged",
-             f"- fp16 overflow steps skipped: {overflows}"]
+             f"- steps skipped on a gradient overflow (fp16 loss scaling): {overflows}"]
     return Outcome(ok, lines)
 
 

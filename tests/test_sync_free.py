@@ -110,7 +110,7 @@ def test_fake_mode_catches_host_reads():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", SYNC_FREE_CASES)
 def test_training_step_never_waits_for_the_gpu(case, dtype):
     layer, _ = static_layer(case, capacity_factor=1.25, path=None)

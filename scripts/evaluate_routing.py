@@ -25,9 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # checkpoint_data
 
-ROUTINGS = ("argmax", "sample", "softmax")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="binarized data folder (fairseq-preprocess output) of the checkpoint's task")
@@ -53,7 +50,7 @@ def evaluate(a: argparse.Namespace) -> dict:
     import torch
 
     from checkpoint_data import load_checkpoint, split_batches
-    from fairseq_evomoe.evomoe.dts_gate import DenseToSparseGate
+    from fairseq_evomoe.evomoe.dts_gate import EVAL_ROUTING, DenseToSparseGate
 
     model, layers, task, criterion = load_checkpoint(a.path, a.data, a.split, a.gpu)
     if not layers or not all(isinstance(m.gate, DenseToSparseGate) for m in layers):
@@ -63,8 +60,8 @@ def evaluate(a: argparse.Namespace) -> dict:
                  "run the base expert whatever the routing; nothing to compare")
     samples = split_batches(task, model, a.split, a.max_tokens, a.max_batches, a.gpu)
     result = {"checkpoint": str(Path(a.path).resolve()), "split": a.split, "draws": a.draws,
-              "phase": int(layers[0].gate.phase), "temperature": layers[0].gate.tau}
-    for routing in ROUTINGS:
+              "phase": int(layers[0].gate.phase), "temperature": layers[0].gate.tau, "routings": list(EVAL_ROUTING)}
+    for routing in EVAL_ROUTING:
         for m in layers:
             m.gate.eval_routing = routing
         draws = range(a.draws) if routing == "sample" else range(1)
@@ -98,7 +95,7 @@ def main(argv=None) -> None:
     r = evaluate(a)
     print(f"{a.path} ({a.split}, phase {r['phase']}, temperature {r['temperature']:.3g})")
     print(f"{'routing':<8} {'loss (base 2)':>14} {'ppl':>10}  tokens whose sampled expert is argmax(l)")
-    for routing in ROUTINGS:
+    for routing in r["routings"]:
         e = r[routing]
         agree = f"{e['hard_eval_agree_pct']:.1f}%" if "hard_eval_agree_pct" in e else "-"
         print(f"{routing:<8} {e['loss']:>14.4f} {e['ppl']:>10.2f}  {agree}")

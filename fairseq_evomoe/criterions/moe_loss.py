@@ -118,7 +118,7 @@ class MoELossMixin:
         finally:
             for m in layers:
                 m.collect_stats = False
-        return self.add_moe_loss(model, loss, sample_size, logging_output)
+        return self.add_moe_loss(model, loss, sample_size, logging_output, layers)
 
     def logs_after_this_update(self, num_updates: int) -> bool:
         """Whether fairseq-train writes a log line after the update that follows `num_updates`
@@ -135,8 +135,10 @@ class MoELossMixin:
             return None
         return torch.tensor([self.moe_soft_gate_loss_wt if s else self.moe_gate_loss_wt for s in soft])
 
-    def add_moe_loss(self, model, loss, sample_size, logging_output):
-        layers = [m for m in moe_layers(model) if m.metadata]
+    def add_moe_loss(self, model, loss, sample_size, logging_output, layers: Optional[List[MoELayer]] = None):
+        """The task loss plus the MoE loss of the model's MoE layers (`layers`: those, found once by
+        the caller; None: looked up here), and the logging output."""
+        layers = [m for m in (moe_layers(model) if layers is None else layers) if m.metadata]
         logging_output["inner_loss"] = loss.data
         gate_term = loss.new_zeros(())
         if layers and model.training:

@@ -18,12 +18,11 @@ hard phase (training, num_updates >= H):
     argmax(l) (`argmax`: as evaluation routes; `--moe-router-jitter` adds Switch's input jitter),
     weight p of that expert (`--dts-hard-combine-weights softmax`) or its Gumbel-softmax weight y
     at the current temperature (`gumbel`, as the authors' code with Gumbel combine weights);
-    capacity as configured. On steps that collect statistics it reports hard_eval_agree_pct, the
-    share of tokens whose training expert is argmax(l), the expert evaluation gives them.
-    On steps that collect statistics the gate also counts the tokens for which the soft rule, at the
-    same noise and schedule, would select more than that one expert (`switch_changed`, logged as
-    moe_switch_changed_pct): at the switch, the share of tokens whose routing the switch changes
-    (capacity drops aside, which moe_tokens_dropped_pct shows).
+    capacity as configured. On steps that collect statistics the gate reports hard_eval_agree_pct,
+    the share of tokens whose training expert is argmax(l), the expert evaluation gives them, and
+    counts the tokens for which the soft rule, at the same noise and schedule, would select more than
+    that one expert (`switch_changed`, logged as moe_switch_changed_pct): at the switch, the share of
+    tokens whose routing the switch changes (capacity drops aside, which moe_tokens_dropped_pct shows).
 evaluation / generation:
     top-1 = argmax(l), weight p, no noise, nothing dropped. (`eval_routing`, for diagnosis only:
     "sample" routes by the training rule of the current phase, noise included, and "softmax" gives
@@ -55,7 +54,7 @@ from .schedule import EvoMoESchedule, Phase
 COMBINE_WEIGHTS = ("softmax", "gumbel")
 SPARSITY_MODES = ("threshold", "scheduled")
 HARD_ROUTING = ("sample", "argmax")
-EVAL_ROUTING = ("argmax", "sample", "softmax")
+EVAL_ROUTING = ("argmax", "sample", "softmax")  # the gate's eval_routing; argmax is evaluation's
 
 
 @dataclass

@@ -6,6 +6,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,42 @@ def cli(tool: str) -> str:
     return str(path) if path.exists() else tool
 
 
+_FORK_SERVER = []  # the session's ForkServer, started by the first run that can use it
+
+
+def _fork_server():
+    if os.environ.get("EVOMOE_TEST_FORK_SERVER", "1") == "0":
+        return None
+    if not _FORK_SERVER:
+        from cli_server import ForkServer
+
+        _FORK_SERVER.append(ForkServer(USER_DIR))
+    return _FORK_SERVER[0]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_fork_server():
+    yield
+    while _FORK_SERVER:
+        _FORK_SERVER.pop().close()
+
+
 def run_cli(tool: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [cli(tool), *map(str, args)]
+    """Runs a fairseq command-line tool as a user would; runs with `--user-dir fairseq_evomoe` go
+    through a fork server that has the imports done (tests/cli_server.py)."""
+    args = [str(a) for a in args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+    server = _fork_server()
+    t0 = time.time()
+    if server is not None and server.handles(tool, args):
+        proc = server.run(tool, args, cwd=str(REPO), env=env, timeout=timeout)
+    else:
+        proc = subprocess.run([cli(tool), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+    if os.environ.get("EVOMOE_TEST_CLI_LOG"):
+        with open(os.environ["EVOMOE_TEST_CLI_LOG"], "a") as f:
+            f.write(f"{time.time() - t0:.1f}\t{tool}\t{os.environ.get('PYTEST_CURRENT_TEST', '')}\n")
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join([tool, *args])} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 

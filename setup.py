@@ -33,5 +33,5 @@ setup(
         "scikit-learn",
         "scipy",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3"]},
 )

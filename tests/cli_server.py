@@ -1,27 +1,36 @@
-"""A fork server for the fairseq command-line tools the tests run.
+"""A fork server for the fairseq command-line tools and Python scripts the tests run.
 
-Starting `fairseq-train` costs seconds of imports (torch, fairseq, the plugin) before it does
-anything. The server pays them once: it imports the tools' modules and `--user-dir fairseq_evomoe`,
-then forks one child per request. The child takes the request's working directory, environment,
-argv and thread count, sends its stdout and stderr to files, reloads the tool's module (so the
-tool configures logging as it does in a fresh process) and calls the console script's
-`cli_main`; its exit status is the tool's. The server itself never runs a tensor operation, so no
-thread pool exists when it forks.
+Every `fairseq-train` or `python scripts/x.py` a test starts spends seconds importing torch and
+fairseq before it does anything. The server imports these two once and forks one process per run;
+everything else (the plugin, `fairseq_cli`'s modules, the script) each run imports itself, as a
+fresh process does.
 
-Only runs that name the plugin with `--user-dir` (the same path as the server's) come here; runs
-that must see a process without the plugin, and multi-process launchers (torchrun,
-fairseq-hydra-train), stay plain subprocesses.
+Runs reach it through shims, small stdlib-only executables in `ForkServer.bin_dir`: one per
+fairseq console script and one named `python`. A shim sends the server its argv, working
+directory, environment and its stdin/stdout/stderr file descriptors, and exits with the run's exit
+status; the forked run writes straight to the shim's own streams. So anything that starts a process
+(a test, a shell script given `PYTHON=<bin_dir>/python` or `PATH=<bin_dir>:...`) uses it unchanged.
+The `python` shim serves `python SCRIPT.py ...`, `python -c CODE ...` and `python -m MODULE ...`,
+and hands anything else (other flags, no script) to the real interpreter.
 
-Protocol (one JSON object per line over a socket pair): request {tool, args, cwd, env, stdout,
-stderr} -> {"pid": child} -> {"rc": exit status}.
+In the forked run: the working directory, environment and argv are the caller's, PYTHONPATH is on
+sys.path, torch's thread count follows OMP_NUM_THREADS, logging is as a fresh process has it at that point (a tool starts
+unconfigured and configures it on import; a script finds the handler `import fairseq` adds), and
+sys.path[0] is the script's folder. A run ends when the
+shim's connection closes (the caller killed it, e.g. on a timeout). The server itself never runs a
+tensor operation, so no thread pool exists when it forks.
 """
 
 import json
 import os
+import select
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 TOOLS = {
@@ -31,72 +40,77 @@ TOOLS = {
     "fairseq-preprocess": "fairseq_cli.preprocess",
     "fairseq-interactive": "fairseq_cli.interactive",
     "fairseq-validate": "fairseq_cli.validate",
+    "fairseq-hydra-train": "fairseq_cli.hydra_train",
 }
+
+SHIM = '''#!{python} -S
+import json, os, socket, sys
+name, args = {name!r}, sys.argv[1:]
+served = args[:1] in (["-c"], ["-m"]) and len(args) > 1 or args[:1] != [] and args[0].endswith(".py")
+if name == "python" and not served:
+    os.execv({python!r}, [{python!r}, *args])  # anything else: the real interpreter
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect({sock!r})
+except OSError:  # the server is gone: run the real thing
+    real = {python!r} if name == "python" else os.path.join(os.path.dirname({python!r}), name)
+    os.execv(real, [real, *args])
+socket.send_fds(s, [b"F"], [0, 1, 2])
+s.sendall(json.dumps({{"name": name, "args": args, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode() + b"\\n")
+reply = b""
+while not reply.endswith(b"\\n"):
+    chunk = s.recv(64)
+    if not chunk:
+        sys.exit(1)
+    reply += chunk
+sys.exit(json.loads(reply)["rc"])
+'''
 
 
 class ForkServer:
-    def __init__(self, user_dir: str):
-        self.user_dir = user_dir
-        self._sock, theirs = socket.socketpair()
-        self._log = tempfile.NamedTemporaryFile(prefix="cli_server_", suffix=".log", delete=False)
-        self._proc = subprocess.Popen(
-            [sys.executable, __file__, str(theirs.fileno()), user_dir], pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        theirs.close()
-        self._io = self._sock.makefile("rwb", buffering=0)
+    def __init__(self):
+        self._dir = Path(tempfile.mkdtemp(prefix="cli_server_"))
+        self.socket_path = str(self._dir / "socket")
+        self.bin_dir = self._dir / "bin"
+        self.bin_dir.mkdir()
+        for name in (*TOOLS, "python"):
+            shim = self.bin_dir / name
+            shim.write_text(SHIM.format(python=sys.executable, name=name, sock=self.socket_path))
+            shim.chmod(shim.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        self._log = open(self._dir / "server.log", "wb")
+        self._proc = subprocess.Popen([sys.executable, __file__, self.socket_path], stdin=subprocess.DEVNULL,
+                                      stdout=self._log, stderr=self._log)
+        for _ in range(600):  # the socket exists within a second (bound before the imports)
+            if os.path.exists(self.socket_path) or self._proc.poll() is not None:
+                break
+            time.sleep(0.05)
 
-    def handles(self, tool: str, args) -> bool:
-        """Whether a run can go through the server: a known tool with `--user-dir` at the server's path."""
-        args = list(args)
-        dirs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--user-dir"]
-        return tool in TOOLS and bool(dirs) and all(os.path.realpath(d) == os.path.realpath(self.user_dir) for d in dirs)
+    @property
+    def python(self) -> str:
+        return str(self.bin_dir / "python")
 
-    def _read(self) -> dict:
-        line = self._io.readline()
-        if not line:
-            raise RuntimeError(f"the fairseq fork server stopped; its log: {Path(self._log.name).read_text()[-4000:]}")
-        return json.loads(line)
-
-    def run(self, tool: str, args, cwd: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
-        with tempfile.TemporaryDirectory(prefix="cli_run_") as d:
-            out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
-            request = {"tool": tool, "args": list(args), "cwd": cwd, "env": env, "stdout": out, "stderr": err}
-            self._io.write((json.dumps(request) + "\n").encode())
-            pid = self._read()["pid"]
-            self._sock.settimeout(timeout)
-            try:
-                rc = self._read()["rc"]
-                timed_out = False
-            except (socket.timeout, TimeoutError):
-                os.kill(pid, 9)
-                self._sock.settimeout(None)
-                self._read()  # the killed child's status
-                timed_out = True
-            finally:
-                self._sock.settimeout(None)
-            stdout, stderr = Path(out).read_text(errors="replace"), Path(err).read_text(errors="replace")
-        cmd = [tool, *args]
-        if timed_out:
-            raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
-        return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+    def tool(self, name: str) -> str:
+        return str(self.bin_dir / name)
 
     def close(self):
-        self._io.close()
-        self._sock.close()
+        self._proc.terminate()
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._proc.kill()
-        os.unlink(self._log.name)
+        self._log.close()
+        for p in sorted(self._dir.rglob("*"), reverse=True):
+            p.unlink() if not p.is_dir() else p.rmdir()
+        self._dir.rmdir()
 
 
-def _run_child(request: dict) -> int:
-    """In the forked child: become the requested command and run it; returns its exit status."""
+def _run(request: dict) -> int:
+    """In the forked process: become the requested run; returns its exit status."""
     import importlib
     import logging
+    import runpy
     import traceback
+    import types
 
     import torch
 
@@ -105,18 +119,36 @@ def _run_child(request: dict) -> int:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(f, fd)
-            os.close(f)
         if os.environ.get("OMP_NUM_THREADS"):
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        root = logging.getLogger()
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        module = importlib.reload(sys.modules[TOOLS[request["tool"]]])  # its logging set-up, as at start-up
-        sys.argv = [request["tool"], *request["args"]]
-        module.cli_main()
+        extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+        sys.path[1:1] = extra  # as a fresh interpreter puts PYTHONPATH after the script's folder
+        name, args = request["name"], request["args"]
+        if name == "python" and args[0] == "-c":
+            sys.argv = ["-c", *args[2:]]
+            sys.path[0] = ""
+            main = types.ModuleType("__main__")
+            sys.modules["__main__"] = main
+            exec(compile(args[1], "<string>", "exec"), main.__dict__)
+        elif name == "python" and args[0] == "-m":
+            sys.argv = [args[1], *args[2:]]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        elif name == "python":
+            script = os.path.abspath(args[0])
+            sys.argv = [args[0], *args[1:]]
+            sys.path[0] = os.path.dirname(script)
+            runpy.run_path(script, run_name="__main__")
+        else:
+            # a console script configures logging before it imports fairseq (whose import adds a
+            # handler when none exists): start from an unconfigured root logger, as it does
+            root = logging.getLogger()
+            for h in list(root.handlers):
+                root.removeHandler(h)
+            root.setLevel(logging.WARNING)
+            sys.argv = [name, *args]
+            sys.path[0] = os.path.dirname(sys.executable)
+            importlib.import_module(TOOLS[name]).cli_main()
         code = 0
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
@@ -134,30 +166,55 @@ def _run_child(request: dict) -> int:
     return code
 
 
-def _serve(fd: int, user_dir: str):
-    import argparse
-    import importlib
+def _supervise(conn: socket.socket):
+    """In a forked process per connection: start the run, wait for it, send its exit status; kill
+    it when the shim goes away first."""
+    _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+    request = json.loads(conn.makefile("rb").readline())
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            os.close(fd)
+        os._exit(_run(request))
+    for fd in fds:
+        os.close(fd)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        readable, _, _ = select.select([conn], [], [], 0.2)
+        if readable and not conn.recv(1):  # the shim is gone
+            os.kill(pid, signal.SIGKILL)
+    try:
+        conn.sendall((json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+    except OSError:
+        pass
 
-    import fairseq.utils
 
-    for module in TOOLS.values():
-        importlib.import_module(module)
-    fairseq.utils.import_user_module(argparse.Namespace(user_dir=user_dir))
-    sock = socket.socket(fileno=fd)
-    io = sock.makefile("rwb", buffering=0)
-    for line in io:
-        request = json.loads(line)
+def _serve(socket_path: str):
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(socket_path)  # shims may connect now; they wait until the imports are done
+    server.listen(64)
+    import torch  # noqa: F401
+    import fairseq  # noqa: F401  (the tools' own modules are left to each run: importing them configures logging)
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the system
+    while True:
+        conn, _ = server.accept()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            io.close()
-            sock.close()
-            os._exit(_run_child(request))
-        io.write((json.dumps({"pid": pid}) + "\n").encode())
-        _, status = os.waitpid(pid, 0)
-        io.write((json.dumps({"rc": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+        if os.fork() == 0:
+            server.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the supervisor waits for its run
+            try:
+                _supervise(conn)
+            finally:
+                os._exit(0)
+        conn.close()
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), sys.argv[2])
+    _serve(sys.argv[1])

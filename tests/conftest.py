@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several test processes share the cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 USER_DIR = str(REPO / "fairseq_evomoe")
 
@@ -28,16 +31,18 @@ def cli(tool: str) -> str:
     return str(path) if path.exists() else tool
 
 
-_FORK_SERVER = []  # the session's ForkServer, started by the first run that can use it
+_FORK_SERVER = []  # the session's ForkServer, started by the first run that uses it
 
 
-def _fork_server():
+def fork_server():
+    """The session's fork server for fairseq tools and Python scripts (tests/cli_server.py), or
+    None with EVOMOE_TEST_FORK_SERVER=0."""
     if os.environ.get("EVOMOE_TEST_FORK_SERVER", "1") == "0":
         return None
     if not _FORK_SERVER:
         from cli_server import ForkServer
 
-        _FORK_SERVER.append(ForkServer(USER_DIR))
+        _FORK_SERVER.append(ForkServer())
     return _FORK_SERVER[0]
 
 
@@ -48,17 +53,35 @@ def _close_fork_server():
         _FORK_SERVER.pop().close()
 
 
+def python_for_scripts() -> str:
+    """The interpreter a test runs `python scripts/x.py` with: the fork server's `python` shim
+    (scripts run as in a fresh process, without paying torch's and fairseq's imports)."""
+    server = fork_server()
+    return server.python if server is not None else sys.executable
+
+
+def script_env(**extra) -> dict:
+    """os.environ for a test's shell scripts: PYTHON and PATH lead to the fork server's shims."""
+    env = dict(os.environ, **extra)
+    server = fork_server()
+    if server is not None:
+        env["PYTHON"] = server.python
+        env["PATH"] = f"{server.bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def tool_path(tool: str) -> str:
+    """The executable of a fairseq console script: the fork server's shim, else the installed script."""
+    server = fork_server()
+    return server.tool(tool) if server is not None and os.path.exists(server.tool(tool)) else cli(tool)
+
+
 def run_cli(tool: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Runs a fairseq command-line tool as a user would; runs with `--user-dir fairseq_evomoe` go
-    through a fork server that has the imports done (tests/cli_server.py)."""
+    """Runs a fairseq command-line tool as a user would (through the fork server's shim)."""
     args = [str(a) for a in args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    server = _fork_server()
     t0 = time.time()
-    if server is not None and server.handles(tool, args):
-        proc = server.run(tool, args, cwd=str(REPO), env=env, timeout=timeout)
-    else:
-        proc = subprocess.run([cli(tool), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+    proc = subprocess.run([tool_path(tool), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
     if os.environ.get("EVOMOE_TEST_CLI_LOG"):
         with open(os.environ["EVOMOE_TEST_CLI_LOG"], "a") as f:
             f.write(f"{time.time() - t0:.1f}\t{tool}\t{os.environ.get('PYTEST_CURRENT_TEST', '')}\n")

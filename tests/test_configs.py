@@ -130,10 +130,10 @@ def test_hydra_train_runs_tiny_config(lm_data, tmp_path):
     into the dense-to-sparse phase) on shipped WikiText-2."""
     import subprocess
 
-    from conftest import cli
+    from conftest import tool_path
 
     cmd = [
-        cli("fairseq-hydra-train"), "--config-dir", str(CONFIGS), "--config-name", "tiny_lm", "gate=evomoe",
+        tool_path("fairseq-hydra-train"), "--config-dir", str(CONFIGS), "--config-name", "tiny_lm", "gate=evomoe",
         f"task.data={lm_data}", f"common.user_dir={USER_DIR}", "optimization.max_update=10", "common.log_interval=1",
         f"checkpoint.save_dir={tmp_path / 'ckpt'}", "checkpoint.no_save=true", "dataset.max_tokens=512",
         "task.tokens_per_sample=64", "dataset.validate_interval_updates=0", "dataset.disable_validation=true",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, python_for_scripts
 
 sys.path.insert(0, str(REPO / "benchmarks" / "device_check"))
 
@@ -134,7 +134,7 @@ def test_the_layer_benchmark_table_is_read(tmp_path):
     """The real benchmarks/bench_moe_layer.py on a tiny CPU case, read as section 5 reads it."""
     log = tmp_path / "bench.log"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "benchmarks/bench_moe_layer.py", "--device", "cpu", "--dim", "16", "--ffn", "32",
+    proc = subprocess.run([python_for_scripts(), "benchmarks/bench_moe_layer.py", "--device", "cpu", "--dim", "16", "--ffn", "32",
                            "--experts", "2", "4", "--tokens", "64", "--reps", "1", "--warmup", "0", "--threads", "1"],
                           capture_output=True, text=True, timeout=120, cwd=str(REPO), env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -4,11 +4,10 @@ on the final one (hard phase)."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, USER_DIR, run_cli
+from conftest import REPO, USER_DIR, python_for_scripts, run_cli
 
 pytestmark = pytest.mark.slow  # trains with fairseq-train
 
@@ -28,7 +27,7 @@ def evomoe_checkpoints(lm_data, tmp_path_factory):
 
 
 def script(name, *args, check=True):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([python_for_scripts(), str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True,
                           timeout=300, cwd=str(REPO))
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

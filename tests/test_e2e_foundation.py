@@ -3,11 +3,10 @@ translation (Multi30k), GPT (WikiText-2) and RoBERTa MLM (WikiText-2); generatio
 resume, checkpoint loading under torch's weights_only default, and start-up errors."""
 
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, USER_DIR, json_logs, run_cli
+from conftest import REPO, USER_DIR, json_logs, python_for_scripts, run_cli
 
 COMMON = ["--user-dir", USER_DIR, "--cpu", "--seed", "1", "--log-format", "json", "--log-interval", "1",
           "--no-epoch-checkpoints", "--optimizer", "adam", "--lr", "2e-3", "--num-workers", "0"]
@@ -85,10 +84,10 @@ def test_checkpoints_load_under_weights_only(mt_data, tmp_path):
             "--eval-bleu-args", '{"beam": 1, "max_len_b": 5}')
     ckpt = save / "checkpoint_last.pt"
     code = "import sys, torch; {imp}; s = torch.load(sys.argv[1]); print(sorted(s)[:3])"
-    ok = subprocess.run([sys.executable, "-c", code.format(imp="import fairseq_evomoe"), str(ckpt)],
+    ok = subprocess.run([python_for_scripts(), "-c", code.format(imp="import fairseq_evomoe"), str(ckpt)],
                         capture_output=True, text=True, cwd=str(REPO))
     assert ok.returncode == 0, ok.stderr[-2000:]
-    plain = subprocess.run([sys.executable, "-c", code.format(imp="pass"), str(ckpt)], capture_output=True, text=True)
+    plain = subprocess.run([python_for_scripts(), "-c", code.format(imp="pass"), str(ckpt)], capture_output=True, text=True)
     assert plain.returncode != 0 and "weights_only" in plain.stderr
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import REPO, USER_DIR, run_cli
+from conftest import REPO, USER_DIR, python_for_scripts, run_cli
 
 WORLD = 2
 
@@ -365,7 +365,7 @@ def _free_port() -> int:
 def _torchrun(*args, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "fairseq_evomoe.distributed.train", *map(str, args)]
+           "--no-python", python_for_scripts(), "-m", "fairseq_evomoe.distributed.train", *map(str, args)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
     if proc.returncode != 0:

@@ -4,13 +4,11 @@ GLUE data offline), prepare_glue.sh in its local mode, finetune_glue.sh, and the
 through fairseq's Python API (RobertaModel.from_pretrained(...).predict()) from another folder."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, USER_DIR, run_cli
+from conftest import REPO, USER_DIR, python_for_scripts, run_cli, script_env
 
 pytestmark = pytest.mark.slow  # every test trains with fairseq-train
 
@@ -18,7 +16,7 @@ SCRIPTS = REPO / "scripts"
 
 
 def run_script(*args, cwd=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    env = script_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([*map(str, args)], capture_output=True, text=True, timeout=600, env=env, cwd=cwd or REPO)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -40,7 +38,7 @@ def pretrained(lm_data, tmp_path_factory):
 def glue_bin(lm_data, tmp_path_factory):
     """CoLA-, MRPC- and STS-B-format tasks from WikiText-2, prepared with prepare_glue.sh --tsv-dir."""
     root = tmp_path_factory.mktemp("glue")
-    run_script(sys.executable, SCRIPTS / "glue_from_corpus.py", "--out-dir", root / "tsv", "--train", "400", "--dev", "100")
+    run_script(python_for_scripts(), SCRIPTS / "glue_from_corpus.py", "--out-dir", root / "tsv", "--train", "400", "--dev", "100")
     for task in ("CoLA", "MRPC", "STS-B"):
         run_script("bash", SCRIPTS / "prepare_glue.sh", "--task", task, "--dict", lm_data / "dict.txt",
                    "--tsv-dir", root / "tsv", "--out-dir", root / f"{task}-bin")
@@ -95,7 +93,7 @@ for a, b in zip(s1, s2):
 acc = 100 * sum(p == g for p, g in zip(preds, gold)) / len(gold)
 print(json.dumps({{"f1": 100 * f1_score(gold, preds, pos_label="1"), "acc": acc, "n": len(gold)}}))
 """
-    out = run_script(sys.executable, "-c", code, cwd=elsewhere)
+    out = run_script(python_for_scripts(), "-c", code, cwd=elsewhere)
     api = json.loads(out.stdout.strip().splitlines()[-1])
     assert api["n"] == metrics["examples"] == 100
     assert api["f1"] == pytest.approx(metrics["f1"]) and api["acc"] == pytest.approx(metrics["acc"])
@@ -110,7 +108,7 @@ def test_cola_prints_matthews_correlation(pretrained, glue_bin, tmp_path):
 
 def test_glue_scripts_reject_bad_input(lm_data, tmp_path):
     def fails(*args):
-        env = dict(os.environ, PYTHON=sys.executable)
+        env = script_env()
         p = subprocess.run([*map(str, args)], capture_output=True, text=True, env=env, cwd=REPO)
         assert p.returncode != 0
         return p.stderr

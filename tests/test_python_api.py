@@ -4,11 +4,10 @@ by fairseq-train with `--user-dir fairseq_evomoe` given as the relative path a u
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import python_for_scripts, run_cli
 
 pytestmark = pytest.mark.slow  # trains with fairseq-train
 
@@ -17,7 +16,7 @@ COMMON = ["--user-dir", "fairseq_evomoe", "--cpu", "--seed", "1", "--optimizer",
 
 
 def in_other_dir(code: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(cwd))
+    return subprocess.run([python_for_scripts(), "-c", code], capture_output=True, text=True, cwd=str(cwd))
 
 
 def test_language_model_score_and_sample(lm_data, tmp_path):

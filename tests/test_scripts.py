@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, USER_DIR, run_cli, shared_data_dir
+from conftest import REPO, USER_DIR, python_for_scripts, run_cli, script_env, shared_data_dir
 
 SCRIPTS = REPO / "scripts"
 BENCHMARKS = REPO / "benchmarks"  # the comparison harness and benchmarks
 
 
 def sh(script, *args, check=True, timeout=300):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = script_env(PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+                     PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     path = BENCHMARKS / script if (BENCHMARKS / script).exists() else SCRIPTS / script
-    cmd = ["bash", str(path), *map(str, args)] if script.endswith(".sh") else [sys.executable, str(path), *map(str, args)]
+    cmd = ["bash", str(path), *map(str, args)] if script.endswith(".sh") else [python_for_scripts(), str(path), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -1,7 +1,8 @@
 """A fork server for the fairseq command-line tools and Python scripts the tests run.
 
 Every `fairseq-train` or `python scripts/x.py` a test starts spends seconds importing torch and
-fairseq before it does anything. The server imports these two once and forks one process per run;
+fairseq before it does anything. The server imports these two (and torch._dynamo, which every
+fairseq run imports with its first optimizer) once and forks one process per run;
 everything else (the plugin, `fairseq_cli`'s modules, the script) each run imports itself, as a
 fresh process does.
 
@@ -199,6 +200,7 @@ def _serve(socket_path: str):
     server.bind(socket_path)  # shims may connect now; they wait until the imports are done
     server.listen(64)
     import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401  (every fairseq run imports it: torch.optim does, at the first optimizer)
     import fairseq  # noqa: F401  (the tools' own modules are left to each run: importing them configures logging)
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the system

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from conftest import REPO, USER_DIR, python_for_scripts, run_cli
 
@@ -167,8 +166,10 @@ def _worker(rank, world, init_file, checks):
 
 
 def _spawn(world, checks):
+    from forked_workers import run_workers
+
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "rendezvous"), checks), nprocs=world, join=True)
+        run_workers(_worker, (world, os.path.join(d, "rendezvous"), checks), world)
 
 
 def _layer_cases(cases):
@@ -238,7 +239,9 @@ def test_worker_teardown_joins_gloo_threads(wrapped, tmp_path):
     imports it first; then destroying the group joins the threads."""
     import json
 
-    mp.spawn(_teardown_worker, args=(str(tmp_path / "rendezvous"), wrapped, str(tmp_path)), nprocs=WORLD, join=True)
+    from forked_workers import run_workers
+
+    run_workers(_teardown_worker, (str(tmp_path / "rendezvous"), wrapped, str(tmp_path)), WORLD, fresh=True)
     left = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(WORLD)]
     if wrapped:
         assert left == [[], []], left

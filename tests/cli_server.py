@@ -15,7 +15,8 @@ The `python` shim serves `python SCRIPT.py ...`, `python -c CODE ...` and `pytho
 and hands anything else (other flags, no script) to the real interpreter.
 
 In the forked run: the working directory, environment and argv are the caller's, PYTHONPATH is on
-sys.path, torch's thread count follows OMP_NUM_THREADS, logging is as a fresh process has it at that point (a tool starts
+sys.path, a script's sys.executable is the `python` shim (so the tools it finds next to it and the
+Python scripts it starts with it go through the server too), torch's thread count follows OMP_NUM_THREADS, logging is as a fresh process has it at that point (a tool starts
 unconfigured and configures it on import; a script finds the handler `import fairseq` adds), and
 sys.path[0] is the script's folder. A run ends when the
 shim's connection closes (the caller killed it, e.g. on a timeout). The server itself never runs a
@@ -48,6 +49,7 @@ SHIM = '''#!{python} -S
 import json, os, socket, sys
 name, args = {name!r}, sys.argv[1:]
 served = args[:1] in (["-c"], ["-m"]) and len(args) > 1 or args[:1] != [] and args[0].endswith(".py")
+served = served and "--multiprocessing-fork" not in args  # multiprocessing's spawned children need their pipes
 if name == "python" and not served:
     os.execv({python!r}, [{python!r}, *args])  # anything else: the real interpreter
 s = socket.socket(socket.AF_UNIX)
@@ -57,7 +59,8 @@ except OSError:  # the server is gone: run the real thing
     real = {python!r} if name == "python" else os.path.join(os.path.dirname({python!r}), name)
     os.execv(real, [real, *args])
 socket.send_fds(s, [b"F"], [0, 1, 2])
-s.sendall(json.dumps({{"name": name, "args": args, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode() + b"\\n")
+s.sendall(json.dumps({{"name": name, "args": args, "cwd": os.getcwd(), "env": dict(os.environ),
+                      "shim": os.path.abspath(sys.argv[0])}}).encode() + b"\\n")
 reply = b""
 while not reply.endswith(b"\\n"):
     chunk = s.recv(64)
@@ -125,6 +128,8 @@ def _run(request: dict) -> int:
         extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
         sys.path[1:1] = extra  # as a fresh interpreter puts PYTHONPATH after the script's folder
         name, args = request["name"], request["args"]
+        if name == "python":  # as for an interpreter started by this path: tools next to it are the shims
+            sys.executable = request["shim"]
         if name == "python" and args[0] == "-c":
             sys.argv = ["-c", *args[2:]]
             sys.path[0] = ""

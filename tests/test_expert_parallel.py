@@ -366,7 +366,7 @@ def _free_port() -> int:
 
 
 def _torchrun(*args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+    cmd = [python_for_scripts(), "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "--no-python", python_for_scripts(), "-m", "fairseq_evomoe.distributed.train", *map(str, args)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")

@@ -186,7 +186,7 @@ def _checked_torchrun(*args, timeout=300):
     from test_expert_parallel import REPO, _free_port
 
     script = Path(__file__).with_name("checked_train.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+    cmd = [python_for_scripts(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "--no-python", python_for_scripts(), str(script), *map(str, args)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))

@@ -209,8 +209,16 @@ def _serve(socket_path: str):
     import fairseq  # noqa: F401  (the tools' own modules are left to each run: importing them configures logging)
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the system
+    parent = os.getppid()
+    server.settimeout(5.0)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except socket.timeout:
+            if os.getppid() != parent:  # the test session is gone (killed): so is the server
+                return
+            continue
+        conn.settimeout(None)
         sys.stdout.flush()
         sys.stderr.flush()
         if os.fork() == 0:

@@ -45,7 +45,8 @@ TOOLS = {
     "fairseq-hydra-train": "fairseq_cli.hydra_train",
 }
 
-SHIM = '''#!{python} -S
+SHIM = """#!/bin/sh
+''''exec "{python}" -S "$0" "$@" # '''
 import json, os, socket, sys
 name, args = {name!r}, sys.argv[1:]
 served = args[:1] in (["-c"], ["-m"]) and len(args) > 1 or args[:1] != [] and args[0].endswith(".py")
@@ -68,7 +69,7 @@ while not reply.endswith(b"\\n"):
         sys.exit(1)
     reply += chunk
 sys.exit(json.loads(reply)["rc"])
-'''
+"""  # line 2: a command to the shell, a string to Python (no limit on the interpreter path's length)
 
 
 class ForkServer:

@@ -161,3 +161,14 @@ def fairseq_config_conversion(monkeypatch):
     from hydra.version import VersionBase, __compat_version__
 
     monkeypatch.setattr(VersionBase.instance(), "version_base", __compat_version__)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n 2 --dist loadgroup` (the README's command) each test file runs in one worker,
+    so its module fixtures (trained checkpoints) are built once; the independent config
+    compositions of test_configs.py, a quarter of the fast tests' time, are spread over both."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if getattr(item, "originalname", None) != "test_config_resolves":
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -26,6 +26,7 @@ tensor operation, so no thread pool exists when it forks.
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -104,9 +105,7 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             self._proc.kill()
         self._log.close()
-        for p in sorted(self._dir.rglob("*"), reverse=True):
-            p.unlink() if not p.is_dir() else p.rmdir()
-        self._dir.rmdir()
+        shutil.rmtree(self._dir)
 
 
 def _run(request: dict) -> int:

@@ -6,7 +6,6 @@ import itertools
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -72,19 +71,17 @@ def script_env(**extra) -> dict:
 
 def tool_path(tool: str) -> str:
     """The executable of a fairseq console script: the fork server's shim, else the installed script."""
+    from cli_server import TOOLS
+
     server = fork_server()
-    return server.tool(tool) if server is not None and os.path.exists(server.tool(tool)) else cli(tool)
+    return server.tool(tool) if server is not None and tool in TOOLS else cli(tool)
 
 
 def run_cli(tool: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs a fairseq command-line tool as a user would (through the fork server's shim)."""
     args = [str(a) for a in args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    t0 = time.time()
     proc = subprocess.run([tool_path(tool), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
-    if os.environ.get("EVOMOE_TEST_CLI_LOG"):
-        with open(os.environ["EVOMOE_TEST_CLI_LOG"], "a") as f:
-            f.write(f"{time.time() - t0:.1f}\t{tool}\t{os.environ.get('PYTEST_CURRENT_TEST', '')}\n")
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join([tool, *args])} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

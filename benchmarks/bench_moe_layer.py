@@ -103,8 +103,17 @@ class ExpertsAlone(nn.Module):
 class GroupedMmExperts(ExpertFFNs):
     """The experts through torch's grouped_mm on every device (--compare grouped_mm)."""
 
-    def forward(self, x, counts, params=None):
+    def forward(self, x, counts, params=None, max_rows=None):
         return self.grouped_forward(x, counts, params)
+
+
+class BatchedExperts(ExpertFFNs):
+    """The experts as one batched matmul per projection over [E, capacity] slots on every device
+    (--compare batched): the path where grouped_mm is not preferred off the CPU."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.static_shapes, self.static_path = True, "batched"
 
 
 class FreshGradExperts(ExpertFFNs):
@@ -116,7 +125,7 @@ class FreshGradExperts(ExpertFFNs):
 
 
 # alternative expert implementations the index MoE can be timed with, against the default
-VARIANTS = {"grouped_mm": GroupedMmExperts, "fresh_grads": FreshGradExperts}
+VARIANTS = {"batched": BatchedExperts, "grouped_mm": GroupedMmExperts, "fresh_grads": FreshGradExperts}
 COMPARISONS = sorted(VARIANTS) + ["experts_alone"]
 
 
@@ -254,7 +263,7 @@ def main():
                    "after the warm-up (the fair comparison of computation); default = glibc's own policy (default: recycle)")
     p.add_argument("--compare", nargs="+", default=[], choices=COMPARISONS,
                    help="also time the index MoE with other expert implementations and print the default's speed "
-                   "relative to each: grouped_mm = torch's grouped matmul (the CPU default is the per-group path of "
+                   "relative to each: batched = one batched matmul over [E, capacity] slots; grouped_mm = torch's grouped matmul (the CPU default is the per-group path of "
                    "moe/experts.py); fresh_grads = new weight-gradient memory every step (the default reuses it); "
                    "experts_alone = the expert FFNs on equal groups with no routing, printed as a ratio to dense")
     args = p.parse_args()

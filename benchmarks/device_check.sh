@@ -20,7 +20,8 @@ Runs on one CUDA GPU (made to finish within 8 minutes on an H100; stops at once 
      --fp16 --fp16-no-flatten-grads; the log must show every phase and finite losses
   4  two expert-parallel workers (torchrun) on the one GPU: first whether NCCL runs two ranks on
      one device, then the tiny EvoMoE with --bf16 on nccl if it does, else on gloo
-  5  benchmarks/bench_moe_layer.py, bf16, E = 8, 16, 64: MoE layer over a dense FFN of equal active FLOPs
+  5  benchmarks/bench_moe_layer.py, bf16, E = 8, 16, 64: MoE layer over a dense FFN of equal active FLOPs,
+     and the default expert path's speed relative to the batched one
   6  fairseq-train words/s of GPT-small (transformer_lm_moe_gpt_small), 16 experts against
      --moe-freq 0 (dense), bf16, 200 updates each: the MoE / dense ratio
 
@@ -153,7 +154,7 @@ fi
 if wanted 5; then
   section "5. MoE layer over a dense FFN (bench_moe_layer.py, bf16)" 90 bench "$WORK/bench_moe_layer.log" \
     "$PY" benchmarks/bench_moe_layer.py --device cuda --dtype bfloat16 --experts 8 16 64 --tokens 16384 \
-    --reps 10 --warmup 2
+    --reps 10 --warmup 2 --compare batched
 fi
 
 GPT=("$DATA" --user-dir "$USER_DIR" --task language_modeling --arch transformer_lm_moe_gpt_small

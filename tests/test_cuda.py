@@ -37,7 +37,7 @@ def test_fast_path_equals_reference_on_cuda(gate, capacity_factor):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_expert_paths_match_fp64_on_cuda(dtype, num_experts):
     """The experts' GPU path in each dtype (grouped matmul with the group sizes on the GPU, or the
-    per-expert loop below 16 experts outside bf16) against a float64 per-expert loop: outputs and every gradient, with an
+    batched matmul below 16 experts outside bf16) against a float64 per-expert loop: outputs and every gradient, with an
     expert that gets no rows."""
     import torch.nn.functional as F
 

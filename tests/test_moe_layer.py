@@ -162,21 +162,21 @@ def test_padding_is_never_routed(gate):
     torch.testing.assert_close(layer(x2, ids)[~pad], out[~pad])
 
 
-@pytest.mark.parametrize("path", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("path", ["batched", "grouped_mm"])
 @pytest.mark.parametrize("phase", ["sparse", "diversify"])
 @pytest.mark.parametrize("gate", ["top1", "top2", "dts"])
 def test_autocast_with_padding(gate, phase, path, monkeypatch):
     """--amp runs the model under autocast: on a GPU the experts' matmuls return fp16 for fp32
-    hidden states (here: CPU autocast to bf16 through the GPU's two expert paths, the per-expert
-    loop and grouped_mm, which has no autocast rule and is cast by the layer). The layer's output
+    hidden states (here: CPU autocast to bf16 through the GPU's two expert paths, the batched
+    matmul and grouped_mm, which has no autocast rule and is cast by the layer). The layer's output
     takes the experts' dtype, as a dense FFN's would; combining into an fp32 buffer used to fail
     ("index_copy_(): self and source expected to have the same dtype") on every batch with padding."""
     import fairseq_evomoe.moe.experts as experts_module
 
-    if path == "loop":
+    if path == "batched":
         monkeypatch.setattr(experts_module, "grouped_mm_preferred", lambda x, num_experts: False)
     layer = make_layer(gate, capacity_factor=1.0, diversify=phase == "diversify").train()
-    layer.experts.activation_dropout = 0.1  # (the CPU's own group path has no dropout, so the loop runs)
+    layer.experts.activation_dropout = 0.1  # (the CPU's own group path has no dropout, so the GPU's paths run)
     T, B, M = 6, 2, 16
     x = torch.randn(T, B, M, requires_grad=True)
     ids = token_ids_for(T * B).view(B, T)
@@ -400,8 +400,9 @@ def test_token_level_drop_statistics(gate):
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_expert_group_paths_agree(activation):
-    """The CPU per-group FFN (custom backward), torch's grouped_mm and a per-expert loop give the
-    same outputs and gradients, with experts that get no rows."""
+    """The CPU per-group FFN (custom backward), torch's grouped_mm and the batched matmul (with a
+    capacity bound, and dropless with the bound read from the counts) give the same outputs and
+    gradients as a per-expert loop, with experts that get no rows."""
     import torch.nn.functional as F
 
     from fairseq_evomoe.moe.experts import ExpertFFNs
@@ -424,11 +425,14 @@ def test_expert_group_paths_agree(activation):
         return torch.cat([experts.forward_one(xe, e) for e, xe in enumerate(xi.split(counts))])
 
     want = run(loop)
-    paths = {"groups": lambda xi: experts(xi, counts), "groups, counts as a tensor": lambda xi: experts(xi, torch.tensor(counts))}
+    paths = {"groups": lambda xi: experts(xi, counts), "groups, counts as a tensor": lambda xi: experts(xi, torch.tensor(counts)),
+             "batched, capacity 9": lambda xi: experts(xi, torch.tensor(counts), max_rows=9),
+             "batched, dropless": lambda xi: experts(xi, torch.tensor(counts))}
     if grouped_mm_supported(x):
         paths["grouped_mm"] = lambda xi: experts.grouped_forward(xi, counts)
         paths["grouped_mm, counts as a tensor"] = lambda xi: experts.grouped_forward(xi, torch.tensor(counts))
     for name, fn in paths.items():
+        experts.static_shapes, experts.static_path = (True, "batched") if name.startswith("batched") else (None, None)
         for a, b in zip(run(fn), want):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
     if grouped_mm_supported(x):  # a broadcast output gradient, as y.sum() gives

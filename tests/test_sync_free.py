@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from fairseq_evomoe.evomoe.schedule import Phase
@@ -97,6 +98,43 @@ def test_training_step_reads_nothing_on_the_host(case):
         assert out.shape == x.shape and fx.grad.shape == x.shape
         # the routing statistics are device tensors too, computed without a host read
         assert layer.metadata["tokens_per_expert"].shape == (layer.num_experts,)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of tensor values on the host: scalar reads (item, int, float), tolist,
+    and ops whose output shape depends on the values (nonzero and the like)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(t):
+            self.count += 1
+            with torch.utils._python_dispatch._disable_current_modes():
+                return tolist(t)
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in ("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+# dropless cases without the CPU-only index checks of one_hot (whose reads a GPU does not make)
+DROPLESS_CASES = ["top1", "hash", "stablemoe", "stablemoe-stage2", "dts-soft"]
+
+
+@pytest.mark.parametrize("case", DROPLESS_CASES)
+def test_dropless_training_step_reads_the_host_once(case, monkeypatch):
+    """Without a capacity the batched experts need the largest group on the host: one read per
+    layer, which the DTS gate's soft phase shares with its selection."""
+    layer, _ = static_layer(case, capacity_factor=0.0, path="batched")
+    x, ids = padded_batch()
+    training_step(layer, x.detach().requires_grad_(True), ids)  # a phase flag is read once, when it changes
+    with HostReads(monkeypatch) as reads:
+        training_step(layer, x.detach().requires_grad_(True), ids)
+    assert reads.count == 1
 
 
 def test_fake_mode_catches_host_reads():

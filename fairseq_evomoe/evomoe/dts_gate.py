@@ -39,7 +39,7 @@ reached top-1 stays top-1, its temperature never rises), unless --moe-rerun-sche
 """
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from fairseq.dataclass import FairseqDataclass
@@ -196,11 +196,11 @@ class DenseToSparseGate(RouterGate):
         combine = (probs if self.combine == "softmax" else y) * selected
         if self.renormalize:
             combine = combine / combine.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(combine.dtype).eps)
-        token, expert = selected.nonzero(as_tuple=True)  # the soft phase's one host read
+        token, expert, most = selected_assignments(selected)
         weight = combine[token, expert]
         balance = self.balance_loss(combine, selected, valid)
         return Routing(token, expert, weight, weight.detach(), None, probs, balance, router_z_loss(logits, valid),
-                       droppable=False, logits=logits.detach())
+                       droppable=False, logits=logits.detach(), max_per_expert=most)
 
     def hard_routing_rule(self, x: Tensor, logits: Tensor, probs: Tensor, gumbel: Tensor, droppable: bool,
                           valid=None) -> Routing:
@@ -219,8 +219,8 @@ class DenseToSparseGate(RouterGate):
             changed = soft.sum(dim=-1) > 1
             routing.token_counts = {"switch_changed": (changed if valid is None else changed & valid).sum()}
             agree = expert == logits.detach().argmax(dim=-1)
-            agree, count = (agree, x.shape[0]) if valid is None else (agree & valid, valid.sum())
-            routing.sampled_stats = {"hard_eval_agree_pct": (100.0 * agree.sum().float(), logits.new_tensor(count).float())}
+            agree, count = (agree, logits.new_tensor(x.shape[0])) if valid is None else (agree & valid, valid.sum())
+            routing.sampled_stats = {"hard_eval_agree_pct": (100.0 * agree.sum().float(), count.float())}
         return routing
 
     def soft_selection(self, y: Tensor, valid: Optional[Tensor] = None) -> Tensor:
@@ -271,3 +271,15 @@ def scheduled_selection(y: Tensor, k: float, valid: Optional[Tensor] = None) -> 
         others = y.masked_fill(selected, -1.0).reshape(-1)
         selected.view(-1)[others.topk(extra).indices] = True
     return selected
+
+
+def selected_assignments(selected: Tensor) -> Tuple[Tensor, Tensor, int]:
+    """The (token, expert) pairs where selected [S, E] is True, in token order, and the most tokens
+    any one expert got: the soft phase's one host read (the number selected per expert), which
+    sizes both the pairs and the experts' batched matmul."""
+    per_expert = selected.sum(0).tolist()
+    if hasattr(torch, "nonzero_static"):  # torch >= 2.1; without it, nonzero reads once more
+        token, expert = torch.nonzero_static(selected, size=sum(per_expert)).unbind(1)
+    else:
+        token, expert = selected.nonzero(as_tuple=True)
+    return token, expert, max(per_expert, default=0)

@@ -51,7 +51,8 @@ class DispatchPlan:
     counts: LongTensor [E], assignments kept per expert.
     routed_counts: LongTensor [E], valid assignments per expert before capacity.
     max_rows: a bound on counts[e] known on the host (the capacity for the largest possible number
-        of tokens), for the experts' paths that need static per-expert sizes; None when dropless.
+        of tokens; when dropless, the gate's max_per_expert), for the experts' batched path; None:
+        none known.
     """
 
     order: Tensor
@@ -87,7 +88,7 @@ def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[Capacit
     group = routing.expert_idx if valid is None else routing.expert_idx.masked_fill(~valid, num_experts)
     routed_counts = count_per_expert(routing.expert_idx, num_experts, valid)
     if capacity is None or not routing.droppable:
-        return DispatchPlan(torch.argsort(group, stable=True), routed_counts, routed_counts)
+        return DispatchPlan(torch.argsort(group, stable=True), routed_counts, routed_counts, max_rows)
 
     if policy == "score":
         order = torch.argsort(routing.priority, descending=True, stable=True)

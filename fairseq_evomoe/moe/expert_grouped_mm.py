@@ -73,8 +73,9 @@ def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
 def grouped_mm_preferred(x: Tensor, num_experts: int) -> bool:
     """Whether the experts run through torch's grouped matmul: always on the CPU when it exists
     (with activation dropout, which the CPU kernel lacks); on a GPU where it has its fast kernel
-    (bf16 on Hopper and newer), and elsewhere from 16 experts up, where its fallback kernel beat a
-    loop over the experts on an H100 while at 4 experts the loop was faster (docs/benchmarks.md)."""
+    (bf16 on Hopper and newer), and elsewhere from 16 experts up, where its fallback kernel beat
+    per-expert matmuls on an H100 while at 4 experts they were faster (docs/benchmarks.md 2.3).
+    Otherwise the experts run batched (expert_batched.py)."""
     if not grouped_mm_supported(x):
         return False
     if x.device.type == "cpu":

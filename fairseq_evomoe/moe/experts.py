@@ -12,20 +12,19 @@ ordinary parameters.
 The expert-sorted tokens form contiguous groups, one per expert, followed by rows of no expert
 (assignments not kept), whose output is 0. On the CPU the group sizes are read on the host (the data
 is there: nothing to wait for) and the groups computed exactly as they are; off the CPU
-(`static_shapes`) no path reads them on the host, except the loop in a dropless layer. The paths:
+(`static_shapes`) no path reads them on the host, except a dropless layer without grouped_mm, which
+reads the largest group once. The paths:
 
 - CPU (without activation dropout): expert_cpu_kernel.py, one group at a time with a
   hand-written backward that writes every expert's gradient into one [E, ...] tensor, whose
-  memory it reuses from step to step (grad_memory.py).
+  memory it reuses from step to step (grad_memory.py). It computes no padding rows and keeps the
+  losses of earlier commits to the last bit.
 - torch's grouped matmul (expert_grouped_mm.py), where `grouped_mm_preferred` says so: on a GPU
   where it has a fast kernel or many experts, and on the CPU with activation dropout. Group
   offsets on the device.
-- batched (expert_batched.py): one batched matmul per projection over [E, max_rows, M] slots, where
-  a static bound on the group sizes is known (a layer with capacity), off the CPU.
-- Elsewhere (a dropless layer: one host read of the sizes): a loop over the groups with the weights
-  split by `unbind`, whose backward stacks the per-expert gradients into one tensor; indexing `W[e]`
-  per expert would instead allocate and add a full-size gradient for every expert (E times the
-  memory traffic).
+- batched (expert_batched.py) everywhere else: one batched matmul per projection over
+  [E, max_rows, M] slots. max_rows is the capacity where the layer has one (no host read), else
+  the largest group (one host read per layer).
 
 `--moe-expert-dtype bf16` runs the experts alone in bfloat16 (`compute_dtype`), with
 differentiable casts in and out.
@@ -86,8 +85,7 @@ class ExpertFFNs(nn.Module):
         self.grad_storage = ReusableGradStorage()
         # group sizes left on the device (True) or read on the host (False); None: on the host on the CPU only
         self.static_shapes: Optional[bool] = None
-        # the path with static shapes: None (chosen as in the module docstring), "grouped_mm" or
-        # "batched" (without a bound on the group sizes: the loop)
+        # the path with static shapes: None (chosen as in the module docstring), "grouped_mm" or "batched"
         self.static_path: Optional[str] = None
         self.reset_parameters()
 
@@ -143,14 +141,13 @@ class ExpertFFNs(nn.Module):
         static = self.static_shapes if self.static_shapes is not None else x.device.type != "cpu"
         if not static:
             return self._host_sized_forward(x, _host(counts), params)
-        path = self.static_path or ("grouped_mm" if grouped_mm_preferred(x, self.num_experts) else
-                                    "batched" if max_rows is not None else "loop")
+        path = self.static_path or ("grouped_mm" if grouped_mm_preferred(x, self.num_experts) else "batched")
         if path == "grouped_mm":
             return self.grouped_forward(x, counts, params)
-        if path == "batched" and max_rows is not None:
-            counts = counts if isinstance(counts, Tensor) else torch.tensor(counts, device=x.device)
-            return batched_ffn(x, counts, max_rows, params, self.activation_fn, self._dropout())
-        return self._host_sized_forward(x, _host(counts), params)  # the one host read of a dropless layer
+        if max_rows is None:  # dropless: the largest group, where counts are on the device the one host read
+            max_rows = max(int(counts.max()) if isinstance(counts, Tensor) else max(counts), 1)
+        counts = counts if isinstance(counts, Tensor) else torch.tensor(counts, device=x.device)
+        return self.batched_forward(x, counts, max_rows, params)
 
     def _host_sized_forward(self, x: Tensor, counts: List[int], params: Sequence[Tensor]) -> Tensor:
         """The groups with their sizes on the host: exactly the sum(counts) grouped rows are
@@ -164,9 +161,7 @@ class ExpertFFNs(nn.Module):
         elif grouped_mm_preferred(x, self.num_experts):
             y = self.grouped_forward(x, counts, params)
         else:
-            groups = zip(x.split(counts), *(p.unbind(0) for p in params))
-            outs = [self.expert_forward(xe, *p) for xe, *p in groups if xe.shape[0] > 0]
-            y = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+            y = self.batched_forward(x, torch.tensor(counts, device=x.device), max(counts), params)
         return y if grouped == rows else F.pad(y, (0, 0, 0, rows - grouped))
 
     def _dropout(self):
@@ -175,6 +170,10 @@ class ExpertFFNs(nn.Module):
     def grouped_forward(self, x: Tensor, counts: Counts, params: Optional[Sequence[Tensor]] = None) -> Tensor:
         """torch's grouped matmul (expert_grouped_mm.py) over all experts at once; params as in forward."""
         return grouped_ffn(x, counts, self._params(params), self.activation_fn, self._dropout())
+
+    def batched_forward(self, x: Tensor, counts: Tensor, max_rows: int, params: Sequence[Tensor]) -> Tensor:
+        """One batched matmul per projection over [E, max_rows] slots (expert_batched.py)."""
+        return batched_ffn(x, counts, max_rows, params, self.activation_fn, self._dropout())
 
     def forward_one(self, x: Tensor, expert: int, params: Optional[Sequence[Tensor]] = None) -> Tensor:
         """One expert on all of x (an expert run as a dense FFN, and tests); params as

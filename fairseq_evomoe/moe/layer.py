@@ -7,8 +7,9 @@ balance loss. Tokens that lose every expert to capacity also output 0.
 No host synchronisation within a step: off the CPU every shape in the layer is static, so the host
 never waits for the device. Padding stays in place, marked invalid for the gate and the dispatch
 (`static_shapes`), and capacity drops are rows the experts skip (moe/dispatch.py). The exceptions,
-at most one host read per layer each: dropless routing on the experts' per-expert loop (their
-sizes), the DTS gate's soft phase (its selection), expert parallelism (the all-to-all split sizes,
+at most one host read per layer each: dropless routing where the experts run batched (the largest
+group, moe/experts.py), the DTS gate's soft phase (its selection per expert, which also sizes the
+batched experts), expert parallelism (the all-to-all split sizes,
 moe/parallel/exchange.py); and the BASE gate's solver (moe/gates/balanced.py).
 On the CPU the layer removes the padding first (`nonzero`: the data is on the host, nothing to wait
 for), so that means over tokens and random draws cover exactly the real tokens, and losses stay
@@ -130,7 +131,7 @@ class MoELayer(nn.Module):
     def dispatch_plan(self, routing: Routing, num_rows: int, valid: Optional[Tensor]) -> DispatchPlan:
         """The dispatch plan of `routing` for num_rows tokens, of which `valid` are real (None: all)."""
         num_tokens = num_rows if valid is None else valid.sum()
-        max_rows = self.capacity(num_rows, routing.capacity_k) if routing.droppable else None
+        max_rows = self.capacity(num_rows, routing.capacity_k) if routing.droppable else routing.max_per_expert
         return plan_dispatch(routing, self.num_experts, self.capacity(num_tokens, routing.capacity_k), self.drop_policy,
                              max_rows)
 

@@ -47,6 +47,9 @@ class Routing:
     valid: bool tensor [P] or None (all valid); False for an assignment that must not run: one of
         a padding token, or one the gate withdrew (top-2's `random` second choices). Invalid
         assignments are never kept, counted as routed, or counted as dropped.
+    max_per_expert: the most assignments any expert got, where the gate read its routing on the
+        host anyway (the DTS gate's soft phase); a dropless layer's batched experts then need no
+        read of their own. None: not known on the host.
     """
 
     token_idx: Tensor
@@ -65,6 +68,7 @@ class Routing:
     logits: Optional[Tensor] = None
     sampled_stats: Optional[Dict[str, Tuple[Tensor, Tensor]]] = None
     valid: Optional[Tensor] = None
+    max_per_expert: Optional[int] = None
 
 
 class Gate(nn.Module):

@@ -22,9 +22,11 @@ Default: 7 gates x 3 seeds x 2 tasks, tiny models, 200 updates of 1,536 tokens: 
 a 2-core CPU with --jobs 2 (two runs at a time, 1 thread each).
 Runs are resumable: a finished run (its result.json) is not trained again when it was made with the
 same settings (everything these options feed into its data and training, and the fairseq-train
-command itself, recorded in result.json). A run made with other settings, or retrained with --force, is moved aside to
-<work dir>/<task>/<gate>/seed<k>.previous-<time> and trained again, as is an unfinished (crashed) run;
-the output says so. Prepared data
+command itself less its checkpoint cadence, recorded in result.json). A run saves a checkpoint at
+every validation; an unfinished (interrupted or crashed) run with the same settings resumes from
+its last one and ends as it would have uninterrupted. A run made with other settings, or retrained
+with --force, is moved aside to <work dir>/<task>/<gate>/seed<k>.previous-<time> and trained again,
+as is an unfinished run without a checkpoint; the output says so. Prepared data
 goes to <work dir>/data/<corpus>_spm<V>[_<N>l_<M>e] with its settings in settings.json; data prepared
 with other settings is never reused (a new folder <name>-2, -3, ... is prepared instead).
 

@@ -39,7 +39,9 @@ def parse_log(path):
     """Return {"train": [records], "valid": [records], "epoch": [records]} with float values.
 
     train records are fairseq's train_inner lines (keys as logged, plus "num_updates");
-    valid records have the "valid_" prefix stripped; epoch records the "train_" prefix stripped."""
+    valid records have the "valid_" prefix stripped; epoch records the "train_" prefix stripped.
+    One train and one valid record per update, the last logged: a run resumed from a checkpoint
+    logs again, into the same file, the updates its interrupted attempt had logged after it."""
     out = {"train": [], "valid": [], "epoch": []}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -60,7 +62,14 @@ def parse_log(path):
                 out["epoch"].append({k[len("train_"):]: _num(v) for k, v in rec.items() if k.startswith("train_")})
             elif "num_updates" in rec and "loss" in rec:
                 out["train"].append({k: _num(v) for k, v in rec.items()})
-    return out
+    return dict(out, train=_last_per_update(out["train"]), valid=_last_per_update(out["valid"]))
+
+
+def _last_per_update(records):
+    by_update = {}
+    for r in records:
+        by_update[r.get("num_updates")] = r
+    return sorted(by_update.values(), key=lambda r: (r["num_updates"] is None, r["num_updates"] or 0))
 
 
 def series(records, key):

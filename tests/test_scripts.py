@@ -4,13 +4,15 @@ and the routing plots on the real training log that comparison writes."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, USER_DIR, python_for_scripts, run_cli, script_env, shared_data_dir
+from conftest import REPO, USER_DIR, python_for_scripts, run_cli, script_env, shared_data_dir, tool_path
 
 SCRIPTS = REPO / "scripts"
 BENCHMARKS = REPO / "benchmarks"  # the comparison harness and benchmarks
@@ -266,13 +268,77 @@ def test_compare_gates_reuses_a_result_only_with_the_same_settings(tmp_path, mon
     assert "data.spm_vocab 4000 -> 500" in out
     assert len(list((work / "lm" / "switch").glob("seed1.previous-*"))) == 2
 
-    # an unfinished run with the same settings (crashed after saving its checkpoint): trained again,
+    # an unfinished run with the same settings but no interval checkpoint to resume from: trained again,
     # and what it saved is moved aside, not deleted
     (run_dir / "result.json").unlink()
     assert cg.main(common + ["--spm-vocab", "500"]) == 0
     assert "an unfinished run with the same settings was moved to" in capsys.readouterr().out
     saved = [p / "ckpt" / "checkpoint_last.pt" for p in (work / "lm" / "switch").glob("seed1.previous-*")]
     assert len(saved) == 3 and all(p.exists() for p in saved)
+
+
+@pytest.mark.slow  # trains with fairseq-train
+def test_an_interrupted_comparison_run_resumes_to_the_uninterrupted_result(comparison, tmp_path, monkeypatch, capsys):
+    """A run killed after its first checkpoint, then resumed by calling the comparison again, ends
+    with the validation and training curves of a run never interrupted that saved only at its last
+    update (the checkpoint cadence changes nothing, so results made before runs saved mid-way are
+    reused). EvoMoE through every phase: the Gumbel noise and the schedules must resume exactly."""
+    cg = _import_script("compare_gates")
+    commands, flags = _import_script("compare.commands"), _import_script("compare.flags")
+    monkeypatch.setattr(_import_script("compare.evaluation"), "evaluate", lambda a, task, gate, data, run_dir, env: {"ppl": 10.0})
+    monkeypatch.setattr(_import_script("compare.report"), "make_plots", lambda runs, out: [])
+    for k, v in script_env(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1").items():
+        monkeypatch.setenv(k, v)
+    real_run = commands.run_command
+    interrupt = []
+
+    def run(cmd, out_file, env):
+        if not cmd[0].endswith("fairseq-train"):
+            return real_run(cmd, out_file, env)
+        cmd = [tool_path("fairseq-train")] + cmd[1:]
+        if not interrupt:
+            return real_run(cmd, out_file, env)
+        ckpt = Path(cmd[cmd.index("--save-dir") + 1])
+        with open(out_file, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+            while proc.poll() is None and not list(ckpt.glob("checkpoint_1_*.pt")):
+                time.sleep(0.01)
+            proc.kill()
+            proc.wait()
+        interrupt.clear()
+        raise RuntimeError("killed after its first checkpoint")
+
+    monkeypatch.setattr(commands, "run_command", run)
+    common = ["--tasks", "lm", "--gates", "evomoe", "--seeds", "1", "--updates", "12", "--validations", "3",
+              "--train-lines", "300", "--eval-lines", "40", "--spm-vocab", "500", "--max-tokens", "512",
+              "--max-valid-steps", "2", "--data-dir", str(shared_data_dir())]
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    for work in (once, twice):  # the data the comparison fixture prepared with these settings
+        shutil.copytree(comparison[0] / "data", work / "data")
+
+    with monkeypatch.context() as m:  # the old cadence: one checkpoint, at the last update
+        m.setattr(flags, "checkpoint_interval", lambda a: a.updates)
+        assert cg.main(common + ["--work-dir", str(once), "--results", str(tmp_path / "once.md")]) == 0
+    ref = json.loads((once / "lm" / "evomoe" / "seed1" / "result.json").read_text())
+    cmd = ref["settings"]["train_command"]
+    assert cmd[cmd.index("--save-interval-updates") + 1] == "12"
+
+    interrupt.append(True)
+    assert cg.main(common + ["--work-dir", str(twice), "--results", str(tmp_path / "twice.md")]) == 1
+    run_dir = twice / "lm" / "evomoe" / "seed1"
+    assert not (run_dir / "result.json").exists() and (run_dir / "ckpt" / "checkpoint_1_4.pt").exists()
+    capsys.readouterr()
+    assert cg.main(common + ["--work-dir", str(twice), "--results", str(tmp_path / "twice.md")]) == 0
+    assert "resuming the unfinished run from its checkpoint at update 4" in capsys.readouterr().out
+    res = json.loads((run_dir / "result.json").read_text())
+    assert res["resumed_from_update"] == 4 and ref["resumed_from_update"] is None
+    assert res["valid_updates"] == ref["valid_updates"] == [4, 8, 12]
+    assert res["valid_loss"] == ref["valid_loss"]  # to the last logged digit
+    assert res["train_curve"] == ref["train_curve"]
+    assert len(list(run_dir.glob("train.out.previous-*"))) == 1  # the interrupted attempt's output is kept
+    # the old-cadence result counts as done for the new cadence
+    assert cg.main(common + ["--work-dir", str(once), "--results", str(tmp_path / "once.md")]) == 0
+    assert "done earlier with the same settings" in capsys.readouterr().out
 
 
 def test_compare_gates_report_only_reads_the_finished_runs(tmp_path, monkeypatch, capsys):

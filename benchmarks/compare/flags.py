@@ -39,6 +39,12 @@ def validation_interval(a: argparse.Namespace) -> int:
     return max(1, a.updates // a.validations)
 
 
+def checkpoint_interval(a: argparse.Namespace) -> int:
+    """Updates between the checkpoints a run saves: at every validation, so that an interrupted run
+    resumes from its last one (saving changes nothing the run computes)."""
+    return validation_interval(a)
+
+
 def fairseq_tool(name: str) -> str:
     """The fairseq console script installed next to this Python, else `name` (looked up on PATH)."""
     p = Path(sys.executable).parent / name
@@ -142,8 +148,8 @@ def model_flags(a: argparse.Namespace, task: str) -> List[str]:
 
 
 def train_command(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, run_dir: Path) -> List[str]:
-    """The fairseq-train command of one run: data from `data`/bin, checkpoint, JSON log and
-    validations in `run_dir`; one checkpoint, at the final update."""
+    """The fairseq-train command of one run: data from `data`/bin, checkpoints, JSON log and
+    validations in `run_dir`; the checkpoint of the latest validation is kept (and checkpoint_last.pt)."""
     task_name, gate_args = gate_options_for(a, gate, task)
     n = a.updates
     common = [
@@ -155,7 +161,7 @@ def train_command(a: argparse.Namespace, task: str, gate: str, seed: int, data: 
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(a.lr),
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(warmup_updates(n)),
         "--max-tokens", str(a.max_tokens), "--save-dir", str(run_dir / "ckpt"),
-        "--no-epoch-checkpoints", "--save-interval", "1000000", "--save-interval-updates", str(n),
+        "--no-epoch-checkpoints", "--save-interval", "1000000", "--save-interval-updates", str(checkpoint_interval(a)),
         "--keep-interval-updates", "1", "--validate-interval", "1000000",
         "--validate-interval-updates", str(validation_interval(a)), "--max-valid-steps", str(a.max_valid_steps),
         "--log-format", "json", "--log-interval", str(max(1, min(10, n // 20))),

@@ -152,6 +152,12 @@ def switch_lines(a: argparse.Namespace, rows: List[dict]) -> List[str]:
             "|---|---|---|---|---|---|---|", *table]
 
 
+def wall_cell(runs: List[dict]) -> str:
+    """Mean ± std of the runs' training time; * when a resumed run counts only its last attempt."""
+    resumed = any(r.get("resumed_from_update") is not None for r in runs)
+    return mean_std([r["train_wall_s"] for r in runs], "{:.0f}") + ("*" if resumed else "")
+
+
 def table_lines(a: argparse.Namespace, task: str, rows: List[dict]) -> List[str]:
     """One task's section: heading, the table of every gate with results, and the summary."""
     metric, mkey = ("validation perplexity ↓", "ppl") if task == "lm" else ("test BLEU ↑", "bleu")
@@ -167,7 +173,9 @@ def table_lines(a: argparse.Namespace, task: str, rows: List[dict]) -> List[str]
         lines.append(
             f"| {gate} | {mean_std([r[mkey] for r in g])} | {mean_std([r['final_valid_loss'] for r in g], '{:.3f}')} | "
             f"{' | '.join(cost_cells(rows, gate))} | {compute_cell(g)} | "
-            f"{mean_std([r['train_wall_s'] for r in g], '{:.0f}')} | {mean_std([r['experts_per_token'] for r in g])} |")
+            f"{wall_cell(g)} | {mean_std([r['experts_per_token'] for r in g])} |")
+    if any(r.get("resumed_from_update") is not None for r in rows):
+        lines += ["", "Train wall-clock marked * includes only the attempt that finished a resumed run."]
     lines += summary_lines(rows, a.gates, mkey, higher_is_better=(task == "mt"))
     verdicts = [v for v in (verdict(rows, g) for g in a.gates if g.startswith("evomoe")) if v]
     return lines + ([""] + [f"- {v}" for v in verdicts] if verdicts else []) + switch_lines(a, rows) + [""]

@@ -2,13 +2,19 @@
 
 A finished run (result.json) is reused only when the settings recorded in it equal this
 invocation's (everything that feeds into its data and training, and the fairseq-train command
-itself). A run made with other settings, one retrained with --force, and an unfinished (crashed or
-interrupted) run are moved aside to seed<k>.previous-<time> and trained again: an earlier result is
-never deleted, overwritten or mixed with a new one, and the output says why it was retrained."""
+itself, less how often it saves checkpoints). An unfinished (crashed or interrupted) run with these
+settings resumes from its last checkpoint; fairseq restores the model, optimizer, data position and
+meters, and seeds every update by its number, so it ends as an uninterrupted run would. A run made
+with other settings, one retrained with --force, and an unfinished run without a checkpoint are moved
+aside to seed<k>.previous-<time> and trained again: an earlier result is never deleted, overwritten
+or mixed with a new one, and the output says why it was retrained."""
 
 import argparse
 import itertools
 import json
+import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -64,6 +70,46 @@ def run_settings(a: argparse.Namespace, task: str, gate: str, seed: int, data: P
     return s
 
 
+# fairseq-train flags that set only how often a run saves checkpoints, not what it computes
+CHECKPOINT_CADENCE_FLAGS = ("--save-interval-updates",)
+
+
+def same_settings(old: Optional[dict], new: dict) -> bool:
+    """Whether a run made with `old` settings is the run `new` asks for: equal, apart from the
+    checkpoint cadence (runs made before checkpoints were saved at every validation are reused)."""
+    def comparable(s: dict) -> dict:
+        cmd = list(s.get("train_command") or [])
+        for flag in CHECKPOINT_CADENCE_FLAGS:
+            if flag in cmd:
+                i = cmd.index(flag)
+                del cmd[i : i + 2]
+        return dict(s, train_command=cmd)
+    return isinstance(old, dict) and comparable(old) == comparable(new)
+
+
+INTERVAL_CHECKPOINT = re.compile(r"checkpoint_\d+_(\d+)\.pt")
+
+
+def resume_point(a: argparse.Namespace, folder: Path, settings: dict) -> Optional[int]:
+    """The update an unfinished run with these settings resumes from: that of its newest interval
+    checkpoint (checkpoint_<epoch>_<update>.pt, written atomically by fairseq), which then replaces
+    checkpoint_last.pt (a copy fairseq may have been interrupted writing). None: nothing to resume
+    (finished, --force, other settings, or no checkpoint)."""
+    ckpt = folder / "ckpt"
+    if a.force or (folder / "result.json").exists() or not ckpt.is_dir():
+        return None
+    if not same_settings(read_json(folder / "settings.json") if (folder / "settings.json").is_file() else None, settings):
+        return None
+    saved = [(int(m.group(1)), p) for p in ckpt.iterdir() if (m := INTERVAL_CHECKPOINT.fullmatch(p.name))]
+    if not saved:
+        return None
+    update, newest = max(saved)
+    tmp = ckpt / "checkpoint_last.pt.resume-tmp"
+    shutil.copyfile(newest, tmp)
+    os.replace(tmp, ckpt / "checkpoint_last.pt")
+    return update
+
+
 def earlier_result(a: argparse.Namespace, folder: Path, settings: dict, tag: str) -> Optional[dict]:
     """The run's earlier result when it was made with `settings` (and no --force); otherwise None,
     with whatever the folder holds (a result with other or unknown settings, or an unfinished run)
@@ -72,10 +118,10 @@ def earlier_result(a: argparse.Namespace, folder: Path, settings: dict, tag: str
     if result_file.is_file():
         have = read_json(result_file)
         old = have.get("settings") if isinstance(have, dict) else None
-        if old == settings and not a.force:
+        if same_settings(old, settings) and not a.force:
             commands.log(f"{tag}: done earlier with the same settings ({result_file})")
             return have
-        if old == settings:
+        if same_settings(old, settings):
             why = "--force"
         elif old is None:
             why = "its result.json does not record the settings it was made with"
@@ -87,7 +133,7 @@ def earlier_result(a: argparse.Namespace, folder: Path, settings: dict, tag: str
     elif folder.is_dir() and any(folder.iterdir()):
         # an unfinished run (crashed or interrupted) starts over, not from a half-written state; what it
         # saved (a checkpoint may be complete if evaluation failed) is moved aside, never deleted
-        same = read_json(folder / "settings.json") == settings
+        same = same_settings(read_json(folder / "settings.json") if (folder / "settings.json").is_file() else None, settings)
         prev = move_aside(folder)
         commands.log(f"{tag}: an unfinished run with {'the same' if same else 'other or unknown'} settings was moved to {prev}")
     return None
@@ -127,7 +173,7 @@ def finished_result(a: argparse.Namespace, task: str, gate: str, seed: int, data
     nothing is moved aside (--report-only)."""
     folder = run_dir(a, task, gate, seed)
     have = read_json(folder / "result.json") if (folder / "result.json").is_file() else None
-    if isinstance(have, dict) and have.get("settings") == run_settings(a, task, gate, seed, data, folder):
+    if isinstance(have, dict) and same_settings(have.get("settings"), run_settings(a, task, gate, seed, data, folder)):
         return have
     return None
 
@@ -140,12 +186,18 @@ def run_one(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, 
     folder = run_dir(a, task, gate, seed)
     tag = f"[{idx}/{total}] {task} {gate} seed {seed}"
     settings = run_settings(a, task, gate, seed, data, folder)
-    have = earlier_result(a, folder, settings, tag)
-    if have is not None:
-        return have
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "settings.json").write_text(json.dumps(settings, indent=1))
-    commands.log(f"{tag}: training {a.updates} updates ...")
+    resumed = resume_point(a, folder, settings)
+    if resumed is None:
+        have = earlier_result(a, folder, settings, tag)
+        if have is not None:
+            return have
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "settings.json").write_text(json.dumps(settings, indent=1))
+        commands.log(f"{tag}: training {a.updates} updates ...")
+    else:
+        if (folder / "train.out").exists():  # the interrupted attempt's output is kept
+            move_aside(folder / "train.out")
+        commands.log(f"{tag}: resuming the unfinished run from its checkpoint at update {resumed} ...")
     t0 = time.time()
     commands.run_command(train_command(a, task, gate, seed, data, folder), folder / "train.out", env)
     wall = time.time() - t0
@@ -153,6 +205,7 @@ def run_one(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, 
     xs, ys = valid_curve(parsed)
     res = {
         "task": task, "gate": gate, "seed": seed, "updates": a.updates, "train_wall_s": wall,
+        "resumed_from_update": resumed,
         "valid_updates": xs, "valid_loss": ys, "final_valid_loss": ys[-1] if ys else None,
         "experts_per_token": mean_experts_per_token(parsed), "train_curve": train_curve(parsed),
     }

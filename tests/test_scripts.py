@@ -332,6 +332,8 @@ def test_an_interrupted_comparison_run_resumes_to_the_uninterrupted_result(compa
     assert "resuming the unfinished run from its checkpoint at update 4" in capsys.readouterr().out
     res = json.loads((run_dir / "result.json").read_text())
     assert res["resumed_from_update"] == 4 and ref["resumed_from_update"] is None
+    assert res["commit"].split()[0] == subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                                      capture_output=True, text=True).stdout.strip()
     assert res["valid_updates"] == ref["valid_updates"] == [4, 8, 12]
     assert res["valid_loss"] == ref["valid_loss"]  # to the last logged digit
     assert res["train_curve"] == ref["train_curve"]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from code_version import commit
 from plot_routing import parse_log, series
 
 from . import REPO, commands, evaluation
@@ -205,7 +206,7 @@ def run_one(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, 
     xs, ys = valid_curve(parsed)
     res = {
         "task": task, "gate": gate, "seed": seed, "updates": a.updates, "train_wall_s": wall,
-        "resumed_from_update": resumed,
+        "resumed_from_update": resumed, "commit": commit(REPO),
         "valid_updates": xs, "valid_loss": ys, "final_valid_loss": ys[-1] if ys else None,
         "experts_per_token": mean_experts_per_token(parsed), "train_curve": train_curve(parsed),
     }

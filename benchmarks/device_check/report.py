@@ -16,11 +16,13 @@ import argparse
 import csv
 import datetime
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 from checks import KINDS, Outcome, read
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from code_version import commit  # noqa: E402
 
 TAIL_LINES = 25
 
@@ -40,16 +42,6 @@ def machine() -> str:
 
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"no CUDA GPU ({platform.processor() or 'CPU'})"
     return f"{where}; torch {torch.__version__}, CUDA {torch.version.cuda}; Python {platform.python_version()}"
-
-
-def commit(repo: Path) -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True)
-    except OSError:
-        return "unknown (no git)"
-    return (head.stdout.strip() or "unknown") + (" with uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def header(out: Path, argv: str) -> None:

@@ -78,3 +78,41 @@ def test_evaluate_routing_refuses_a_checkpoint_before_the_spawn(lm_data, evomoe_
     before, _ = evomoe_checkpoints
     proc = script("evaluate_routing.py", lm_data, "--path", before, check=False)
     assert proc.returncode != 0 and "before the spawn" in proc.stderr
+
+
+def test_summarize_tables_the_router_by_phase_and_filters_seeds(tmp_path):
+    """benchmarks/diagnosis/summarize.py: router statistics per phase from each run's training log
+    (kept as router.json), mean ± std per gate over the chosen seeds; runs moved aside are left out;
+    translation shows BLEU."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("summarize", REPO / "benchmarks" / "diagnosis" / "summarize.py")
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+
+    def run(task, gate, name, metric, std_soft, std_hard):
+        d = tmp_path / task / gate / name
+        d.mkdir(parents=True)
+        seed = int(name[4:].split(".")[0])
+        (d / "result.json").write_text(json.dumps({"seed": seed, "ppl" if task == "lm" else "bleu": metric,
+                                                   "final_valid_loss": metric / 10,
+                                                   "train_curve": {"moe_expert_compute": [1e6, 2e6]}}))
+        lines = [{"num_updates": u, "loss": 5.0, "moe_phase": phase, "moe_router_logit_std": std}
+                 for u, phase, std in ((10, 1, std_soft), (20, 1, std_soft + 0.2), (30, 2, std_hard))]
+        (d / "train.log").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    run("lm", "evomoe", "seed1", 50.0, 1.0, 2.0)
+    run("lm", "evomoe", "seed2", 52.0, 1.2, 2.2)
+    run("lm", "evomoe", "seed4", 60.0, 3.0, 4.0)
+    run("lm", "evomoe", "seed1.previous-20261207-010000", 99.0, 9.0, 9.0)
+    run("mt", "evomoe", "seed1", 33.0, 1.0, 2.0)
+
+    rows = summarize.collect(tmp_path, "lm", seeds={1, 2})
+    assert [r["seed"] for r in rows["evomoe"]] == [1, 2]
+    assert json.loads((tmp_path / "lm" / "evomoe" / "seed1" / "router.json").read_text()) == {
+        "1": {"logit_std": pytest.approx(1.1)}, "2": {"logit_std": 2.0}}
+    line = summarize.table(rows).splitlines()[2]
+    assert line.startswith("| evomoe | 1, 2 | 51.000 ± 1.414 | 5.100 ± 0.141 | 2.000 ± 0.000 | 1.200 ± 0.141 |")
+    assert [r["seed"] for r in summarize.collect(tmp_path, "lm")["evomoe"]] == [1, 2, 4]  # not the run moved aside
+    assert summarize.collect(tmp_path, "lm", seeds={4})["evomoe"][0]["metric"] == 60.0
+    assert "test BLEU" in summarize.table(summarize.collect(tmp_path, "mt"), "mt")

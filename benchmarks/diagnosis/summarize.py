@@ -3,14 +3,14 @@
 by phase, kept next to its result as router.json (the training logs themselves are not committed);
 then, per gate, the mean +- std over seeds of those statistics beside the run's result.
 
-    python benchmarks/diagnosis/summarize.py [--store benchmarks/diagnosis/runs] [--task lm] [--out FILE]
+    python benchmarks/diagnosis/summarize.py [--store benchmarks/diagnosis/runs] [--task lm] [--seeds 4,5,6] [--out FILE]
 
 Per phase (EvoMoE: 1 soft, 2 hard; other gates: all lines), from the training log lines:
   logit_std   moe_router_logit_std, mean over the phase's lines (nats; Gumbel noise's std is 1.28)
   top_gap     moe_router_top_gap, the same
   agree       moe_hard_eval_agree_pct, hard phase: % of tokens trained on the expert evaluation picks
-Beside them, from result.json: validation perplexity, final validation loss and whole-run expert
-compute. A run without a training log keeps the router.json it has (none for runs older than the
+Beside them, from result.json: validation perplexity (lm) or test BLEU (mt), final validation loss
+and whole-run expert compute. A run without a training log keeps the router.json it has (none for runs older than the
 statistics)."""
 
 import argparse
@@ -38,11 +38,16 @@ def router_stats(train_log: Path) -> dict:
     return {p: {n: statistics.mean(v) for n, v in stats.items()} for p, stats in sorted(by_phase.items())}
 
 
-def collect(store: Path, task: str) -> dict:
-    """{gate: [per-seed rows]}; writes router.json next to every result.json with a training log."""
+def collect(store: Path, task: str, seeds=None) -> dict:
+    """{gate: [per-seed rows]} of the given seeds (None: all); writes router.json next to every
+    result.json with a training log."""
     rows: dict = {}
     for result_file in sorted((store / task).glob("*/seed*/result.json")):
         run = result_file.parent
+        if not run.name[len("seed"):].isdigit():  # a run moved aside (seed<k>.previous-<time>)
+            continue
+        if seeds is not None and int(run.name[len("seed"):]) not in seeds:
+            continue
         if (run / "train.log").is_file():
             (run / "router.json").write_text(json.dumps(router_stats(run / "train.log"), indent=1) + "\n")
         router = json.loads((run / "router.json").read_text()) if (run / "router.json").is_file() else {}
@@ -50,7 +55,8 @@ def collect(store: Path, task: str) -> dict:
         curve = result.get("train_curve") or {}
         compute = (curve.get("moe_expert_compute") or [None])[-1]
         rows.setdefault(run.parent.name, []).append({
-            "seed": result["seed"], "ppl": result.get("ppl"), "final_valid_loss": result.get("final_valid_loss"),
+            "seed": result["seed"], "metric": result.get("ppl" if task == "lm" else "bleu"),
+            "final_valid_loss": result.get("final_valid_loss"),
             "expert_compute_m": compute / 1e6 if compute else None, "router": router})
     return rows
 
@@ -72,14 +78,14 @@ def phases(router: dict) -> tuple:
     return None, router.get("1") or router.get("all")
 
 
-def table(rows: dict) -> str:
-    head = ("| gate | seeds | valid ppl | final valid loss | expert compute (M) | logit std, soft | top gap, soft | "
+def table(rows: dict, task: str = "lm") -> str:
+    head = (f"| gate | seeds | {'valid ppl' if task == 'lm' else 'test BLEU'} | final valid loss | expert compute (M) | logit std, soft | top gap, soft | "
             "logit std, hard (others: whole run) | top gap, hard (others) | hard: tokens trained on the eval expert (%) |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for gate, runs in rows.items():
         def stat(which, name):
             return mean_std([(phases(r["router"])[which] or {}).get(name) for r in runs])
-        out.append(f"| {gate} | {', '.join(str(r['seed']) for r in runs)} | {mean_std([r['ppl'] for r in runs])} | "
+        out.append(f"| {gate} | {', '.join(str(r['seed']) for r in runs)} | {mean_std([r['metric'] for r in runs])} | "
                    f"{mean_std([r['final_valid_loss'] for r in runs])} | {mean_std([r['expert_compute_m'] for r in runs])} | "
                    f"{stat(0, 'logit_std')} | {stat(0, 'top_gap')} | {stat(1, 'logit_std')} | {stat(1, 'top_gap')} | "
                    f"{stat(1, 'agree')} |")
@@ -90,9 +96,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", default=str(HERE / "runs"), help="the run store (default benchmarks/diagnosis/runs)")
     p.add_argument("--task", default="lm", choices=["lm", "mt"], help="task folder of the store (default lm)")
+    p.add_argument("--seeds", default=None, help="only these seeds, comma-separated (default: every seed)")
     p.add_argument("--out", default=None, help="also write the table to this file")
     a = p.parse_args(argv)
-    text = table(collect(Path(a.store), a.task))
+    try:
+        seeds = None if a.seeds is None else {int(x) for x in a.seeds.split(",")}
+    except ValueError:
+        p.error(f"--seeds takes seed numbers separated by commas, e.g. 4,5,6; got {a.seeds!r}")
+    text = table(collect(Path(a.store), a.task, seeds), a.task)
     print(text)
     if a.out:
         Path(a.out).write_text(text)

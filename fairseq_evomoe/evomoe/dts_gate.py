@@ -278,7 +278,7 @@ def selected_assignments(selected: Tensor) -> Tuple[Tensor, Tensor, int]:
     any one expert got: the soft phase's one host read (the number selected per expert), which
     sizes both the pairs and the experts' batched matmul."""
     per_expert = selected.sum(0).tolist()
-    if hasattr(torch, "nonzero_static"):  # torch >= 2.1; without it, nonzero reads once more
+    if hasattr(torch, "nonzero_static") and selected.device.type in ("cpu", "cuda"):  # elsewhere nonzero reads once more
         token, expert = torch.nonzero_static(selected, size=sum(per_expert)).unbind(1)
     else:
         token, expert = selected.nonzero(as_tuple=True)

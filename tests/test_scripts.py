@@ -326,12 +326,13 @@ def test_an_interrupted_comparison_run_resumes_to_the_uninterrupted_result(compa
     interrupt.append(True)
     assert cg.main(common + ["--work-dir", str(twice), "--results", str(tmp_path / "twice.md")]) == 1
     run_dir = twice / "lm" / "evomoe" / "seed1"
-    assert not (run_dir / "result.json").exists() and (run_dir / "ckpt" / "checkpoint_1_4.pt").exists()
+    newest = max(int(p.stem.rsplit("_", 1)[1]) for p in (run_dir / "ckpt").glob("checkpoint_1_*.pt"))
+    assert not (run_dir / "result.json").exists() and newest in (4, 8)  # (8: killed late, on a busy machine)
     capsys.readouterr()
     assert cg.main(common + ["--work-dir", str(twice), "--results", str(tmp_path / "twice.md")]) == 0
-    assert "resuming the unfinished run from its checkpoint at update 4" in capsys.readouterr().out
+    assert f"resuming the unfinished run from its checkpoint at update {newest}" in capsys.readouterr().out
     res = json.loads((run_dir / "result.json").read_text())
-    assert res["resumed_from_update"] == 4 and ref["resumed_from_update"] is None
+    assert res["resumed_from_update"] == newest and ref["resumed_from_update"] is None
     assert res["commit"].split()[0] == subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                                       capture_output=True, text=True).stdout.strip()
     assert res["valid_updates"] == ref["valid_updates"] == [4, 8, 12]

@@ -33,5 +33,5 @@ setup(
         "scikit-learn",
         "scipy",
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "filelock"]},
 )

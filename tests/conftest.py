@@ -4,11 +4,13 @@ and a helper that runs the real fairseq command-line tools with `--user-dir fair
 import gzip
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # several test processes share the cores: one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -94,38 +96,57 @@ def _head(src: Path, dst: Path, n: int, start: int = 0):
             out.write(line)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, filled by build(folder) once per test run: under pytest-xdist the first
+    worker that asks builds it (under a file lock) in the run's shared temporary folder and the
+    others reuse it, where a session fixture would be built again in every worker."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above the workers' own
+    out = root / name
+    with FileLock(str(out) + ".lock"):
+        if not (out / ".complete").exists():
+            shutil.rmtree(out, ignore_errors=True)  # a build that failed part-way
+            out.mkdir(parents=True)
+            build(out)
+            (out / ".complete").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def mt_data(tmp_path_factory) -> Path:
     """Multi30k De->En: 3,000 training pairs, 200 valid, 100 test, joined dictionary."""
-    raw = tmp_path_factory.mktemp("multi30k_raw")
-    src = shared_data_dir() / "multi30k"
-    for lang in ("de", "en"):
-        _head(src / f"train.{lang}", raw / f"train.{lang}", 3000)
-        _head(src / f"val.{lang}", raw / f"valid.{lang}", 200)
-        _head(src / f"test_2016_flickr.{lang}", raw / f"test.{lang}", 100)
-    out = tmp_path_factory.mktemp("multi30k_bin")
-    run_cli(
-        "fairseq-preprocess", "--source-lang", "de", "--target-lang", "en",
-        "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
-        "--destdir", out, "--joined-dictionary", "--workers", "1", "--thresholdsrc", "2", "--thresholdtgt", "2",
-    )
-    return out
+    def build(folder):
+        raw = folder / "raw"
+        raw.mkdir()
+        src = shared_data_dir() / "multi30k"
+        for lang in ("de", "en"):
+            _head(src / f"train.{lang}", raw / f"train.{lang}", 3000)
+            _head(src / f"val.{lang}", raw / f"valid.{lang}", 200)
+            _head(src / f"test_2016_flickr.{lang}", raw / f"test.{lang}", 100)
+        run_cli(
+            "fairseq-preprocess", "--source-lang", "de", "--target-lang", "en",
+            "--trainpref", raw / "train", "--validpref", raw / "valid", "--testpref", raw / "test",
+            "--destdir", folder / "bin", "--joined-dictionary", "--workers", "1", "--thresholdsrc", "2", "--thresholdtgt", "2",
+        )
+    return built_once(tmp_path_factory, "multi30k", build) / "bin"
 
 
 @pytest.fixture(scope="session")
 def lm_data(tmp_path_factory) -> Path:
     """WikiText-2 (tokenized): 2,000 training lines, 200 valid, 200 test."""
-    raw = tmp_path_factory.mktemp("wikitext2_raw")
-    src = shared_data_dir() / "wikitext-2"
-    _head(src / "train.txt.gz", raw / "train.txt", 2000)
-    _head(src / "valid.txt", raw / "valid.txt", 200)
-    _head(src / "test.txt", raw / "test.txt", 200)
-    out = tmp_path_factory.mktemp("wikitext2_bin")
-    run_cli(
-        "fairseq-preprocess", "--only-source", "--trainpref", raw / "train.txt", "--validpref", raw / "valid.txt",
-        "--testpref", raw / "test.txt", "--destdir", out, "--workers", "1", "--thresholdsrc", "2",
-    )
-    return out
+    def build(folder):
+        raw = folder / "raw"
+        raw.mkdir()
+        src = shared_data_dir() / "wikitext-2"
+        _head(src / "train.txt.gz", raw / "train.txt", 2000)
+        _head(src / "valid.txt", raw / "valid.txt", 200)
+        _head(src / "test.txt", raw / "test.txt", 200)
+        run_cli(
+            "fairseq-preprocess", "--only-source", "--trainpref", raw / "train.txt", "--validpref", raw / "valid.txt",
+            "--testpref", raw / "test.txt", "--destdir", folder / "bin", "--workers", "1", "--thresholdsrc", "2",
+        )
+    return built_once(tmp_path_factory, "wikitext2", build) / "bin"
 
 
 def json_logs(proc: subprocess.CompletedProcess, tag: str = "train_inner"):
@@ -158,14 +179,3 @@ def fairseq_config_conversion(monkeypatch):
     from hydra.version import VersionBase, __compat_version__
 
     monkeypatch.setattr(VersionBase.instance(), "version_base", __compat_version__)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under `pytest -n 2 --dist loadgroup` (the README's command) each test file runs in one worker,
-    so its module fixtures (trained checkpoints) are built once; the independent config
-    compositions of test_configs.py, a quarter of the fast tests' time, are spread over both."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if getattr(item, "originalname", None) != "test_config_resolves":
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

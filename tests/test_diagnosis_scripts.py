@@ -7,22 +7,23 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, USER_DIR, python_for_scripts, run_cli
+from conftest import REPO, USER_DIR, built_once, python_for_scripts, run_cli
 
 pytestmark = pytest.mark.slow  # trains with fairseq-train
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def evomoe_checkpoints(lm_data, tmp_path_factory):
     """Spawn at update 4, tau 2.0 -> 0.5 by update 8, top-1 from 8; checkpoints at 4 (before the
     spawn: it happens before the step of update 5) and 10 (hard phase)."""
-    save = tmp_path_factory.mktemp("evomoe_ckpt")
-    run_cli("fairseq-train", lm_data, "--user-dir", USER_DIR, "--cpu", "--seed", "1", "--task", "evomoe_language_modeling",
-            "--arch", "transformer_lm_evomoe_tiny", "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64",
-            "--max-tokens", "512", "--optimizer", "adam", "--lr", "2e-3", "--max-update", "10", "--num-workers", "0",
-            "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "4", "--dts-hard-update", "8",
-            "--save-dir", save, "--save-interval-updates", "4", "--keep-interval-updates", "-1",
-            "--no-epoch-checkpoints", "--disable-validation")
+    def build(save):
+        run_cli("fairseq-train", lm_data, "--user-dir", USER_DIR, "--cpu", "--seed", "1", "--task", "evomoe_language_modeling",
+                "--arch", "transformer_lm_evomoe_tiny", "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64",
+                "--max-tokens", "512", "--optimizer", "adam", "--lr", "2e-3", "--max-update", "10", "--num-workers", "0",
+                "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "4", "--dts-hard-update", "8",
+                "--save-dir", save, "--save-interval-updates", "4", "--keep-interval-updates", "-1",
+                "--no-epoch-checkpoints", "--disable-validation")
+    save = built_once(tmp_path_factory, "evomoe_ckpt", build)
     return save / "checkpoint_1_4.pt", save / "checkpoint_last.pt"
 
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, USER_DIR, python_for_scripts, run_cli, script_env
+from conftest import REPO, USER_DIR, built_once, python_for_scripts, run_cli, script_env
 
 pytestmark = pytest.mark.slow  # every test trains with fairseq-train
 
@@ -22,27 +22,27 @@ def run_script(*args, cwd=None):
     return proc
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pretrained(lm_data, tmp_path_factory):
     """roberta_evomoe_tiny pre-trained through every phase: spawn at 4, soft to 10, top-1 to 14."""
-    save = tmp_path_factory.mktemp("glue_pre")
-    run_cli("fairseq-train", lm_data, "--user-dir", USER_DIR, "--task", "evomoe_masked_lm", "--arch",
-            "roberta_evomoe_tiny", "--criterion", "moe_masked_lm", "--tokens-per-sample", "64", "--max-tokens", "1024",
-            "--moe-capacity-factor", "0", "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "6",
-            "--optimizer", "adam", "--lr", "2e-3", "--max-update", "14", "--save-dir", save, "--cpu", "--seed", "1",
-            "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints")
-    return save / "checkpoint_last.pt"
+    def build(save):
+        run_cli("fairseq-train", lm_data, "--user-dir", USER_DIR, "--task", "evomoe_masked_lm", "--arch",
+                "roberta_evomoe_tiny", "--criterion", "moe_masked_lm", "--tokens-per-sample", "64", "--max-tokens", "1024",
+                "--moe-capacity-factor", "0", "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "6",
+                "--optimizer", "adam", "--lr", "2e-3", "--max-update", "14", "--save-dir", save, "--cpu", "--seed", "1",
+                "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints")
+    return built_once(tmp_path_factory, "glue_pre", build) / "checkpoint_last.pt"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def glue_bin(lm_data, tmp_path_factory):
     """CoLA-, MRPC- and STS-B-format tasks from WikiText-2, prepared with prepare_glue.sh --tsv-dir."""
-    root = tmp_path_factory.mktemp("glue")
-    run_script(python_for_scripts(), SCRIPTS / "glue_from_corpus.py", "--out-dir", root / "tsv", "--train", "400", "--dev", "100")
-    for task in ("CoLA", "MRPC", "STS-B"):
-        run_script("bash", SCRIPTS / "prepare_glue.sh", "--task", task, "--dict", lm_data / "dict.txt",
-                   "--tsv-dir", root / "tsv", "--out-dir", root / f"{task}-bin")
-    return root
+    def build(root):
+        run_script(python_for_scripts(), SCRIPTS / "glue_from_corpus.py", "--out-dir", root / "tsv", "--train", "400", "--dev", "100")
+        for task in ("CoLA", "MRPC", "STS-B"):
+            run_script("bash", SCRIPTS / "prepare_glue.sh", "--task", task, "--dict", lm_data / "dict.txt",
+                       "--tsv-dir", root / "tsv", "--out-dir", root / f"{task}-bin")
+    return built_once(tmp_path_factory, "glue", build)
 
 
 def finetune(task, ckpt, data, save, updates, *extra):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, USER_DIR, python_for_scripts, run_cli, script_env, shared_data_dir, tool_path
+from conftest import REPO, USER_DIR, built_once, python_for_scripts, run_cli, script_env, shared_data_dir, tool_path
 
 SCRIPTS = REPO / "scripts"
 BENCHMARKS = REPO / "benchmarks"  # the comparison harness and benchmarks
@@ -123,19 +123,22 @@ def test_evaluate_translation_bleu(mt_data, tmp_path):
 
 # ---------------------------------------------------------------------------------------- comparison + plots
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def comparison(tmp_path_factory):
-    work = tmp_path_factory.mktemp("compare")
-    proc = sh("compare_gates.py", "--tasks", "lm", "--gates", "switch,evomoe", "--seeds", "1", "--updates", 12,
-              "--train-lines", 300, "--eval-lines", 40, "--spm-vocab", 500, "--max-tokens", 512,
-              "--validations", 3, "--max-valid-steps", 2, "--work-dir", work, "--results", work / "results.md", "--jobs", 2,
-              timeout=600)
-    return work, proc
+    """(work dir, output) of a minimal comparison: switch and evomoe, one seed, 12 updates."""
+    def build(work):
+        proc = sh("compare_gates.py", "--tasks", "lm", "--gates", "switch,evomoe", "--seeds", "1", "--updates", 12,
+                  "--train-lines", 300, "--eval-lines", 40, "--spm-vocab", 500, "--max-tokens", 512,
+                  "--validations", 3, "--max-valid-steps", 2, "--work-dir", work, "--results", work / "results.md",
+                  "--jobs", 2, timeout=600)
+        (work / "compare.out").write_text(proc.stdout)
+    work = built_once(tmp_path_factory, "compare", build)
+    return work, (work / "compare.out").read_text()
 
 
 @pytest.mark.slow  # the comparison fixture trains with fairseq-train
 def test_compare_gates_minimal(comparison):
-    work, proc = comparison
+    work, _ = comparison
     report = (work / "results.md").read_text()
     assert "| switch |" in report and "| evomoe |" in report
     assert "spawn mode `mask`" in report and "temperature schedule `linear`" in report

@@ -71,6 +71,11 @@ def run_settings(a: argparse.Namespace, task: str, gate: str, seed: int, data: P
     return s
 
 
+def recorded_settings(folder: Path) -> Optional[dict]:
+    """The settings an unfinished run was started with (its settings.json); None without one."""
+    return read_json(folder / "settings.json") if (folder / "settings.json").is_file() else None
+
+
 # fairseq-train flags that set only how often a run saves checkpoints, not what it computes
 CHECKPOINT_CADENCE_FLAGS = ("--save-interval-updates",)
 
@@ -99,7 +104,7 @@ def resume_point(a: argparse.Namespace, folder: Path, settings: dict) -> Optiona
     ckpt = folder / "ckpt"
     if a.force or (folder / "result.json").exists() or not ckpt.is_dir():
         return None
-    if not same_settings(read_json(folder / "settings.json") if (folder / "settings.json").is_file() else None, settings):
+    if not same_settings(recorded_settings(folder), settings):
         return None
     saved = [(int(m.group(1)), p) for p in ckpt.iterdir() if (m := INTERVAL_CHECKPOINT.fullmatch(p.name))]
     if not saved:
@@ -134,7 +139,7 @@ def earlier_result(a: argparse.Namespace, folder: Path, settings: dict, tag: str
     elif folder.is_dir() and any(folder.iterdir()):
         # an unfinished run (crashed or interrupted) starts over, not from a half-written state; what it
         # saved (a checkpoint may be complete if evaluation failed) is moved aside, never deleted
-        same = same_settings(read_json(folder / "settings.json") if (folder / "settings.json").is_file() else None, settings)
+        same = same_settings(recorded_settings(folder), settings)
         prev = move_aside(folder)
         commands.log(f"{tag}: an unfinished run with {'the same' if same else 'other or unknown'} settings was moved to {prev}")
     return None

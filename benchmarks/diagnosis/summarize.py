@@ -44,9 +44,10 @@ def collect(store: Path, task: str, seeds=None) -> dict:
     rows: dict = {}
     for result_file in sorted((store / task).glob("*/seed*/result.json")):
         run = result_file.parent
-        if not run.name[len("seed"):].isdigit():  # a run moved aside (seed<k>.previous-<time>)
+        number = run.name[len("seed"):]
+        if not number.isdigit():  # a run moved aside (seed<k>.previous-<time>)
             continue
-        if seeds is not None and int(run.name[len("seed"):]) not in seeds:
+        if seeds is not None and int(number) not in seeds:
             continue
         if (run / "train.log").is_file():
             (run / "router.json").write_text(json.dumps(router_stats(run / "train.log"), indent=1) + "\n")

@@ -132,3 +132,33 @@ def test_layer_step_is_bit_identical_to_the_old_one(case, capacity_factor):
         assert len(got) == len(want)
         for i, (a, b) in enumerate(zip(got, want)):
             assert torch.equal(a, b), (case, seed, i)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_cpu_expert_kernel_is_bit_identical_to_one_linear_per_expert(activation):
+    """The CPU kernel (moe/expert_cpu_kernel.py, hand-written backward) gives, to the last bit, the
+    outputs and gradients of each expert run as fairseq's FFN (F.linear, autograd) on its own rows:
+    the reference any faster expert path on the CPU has to match. Group sizes from 0 rows to
+    several hundred, where MKL changes its method."""
+    import torch.nn.functional as F
+
+    from fairseq_evomoe.moe.experts import ExpertFFNs
+
+    torch.manual_seed(0)
+    counts = [0, 1, 7, 12, 16, 33, 300, 0]
+    experts = ExpertFFNs(len(counts), 32, 128, getattr(F, activation))
+    x, g = torch.randn(sum(counts), 32), torch.randn(sum(counts), 32)
+
+    def step(forward):
+        xi = x.clone().requires_grad_(True)
+        experts.zero_grad(set_to_none=True)
+        (forward(xi) * g).sum().backward()
+        return [xi.grad] + [p.grad.clone() for p in experts.parameters()]
+
+    def reference(xi):
+        return torch.cat([experts.forward_one(xe, e) for e, xe in enumerate(xi.split(counts))])
+
+    with torch.no_grad():
+        assert torch.equal(experts(x, counts), reference(x))
+    for a, b in zip(step(lambda xi: experts(xi, counts)), step(reference)):
+        assert torch.equal(a, b)

@@ -83,8 +83,8 @@ def test_evaluate_routing_refuses_a_checkpoint_before_the_spawn(lm_data, evomoe_
 
 def test_summarize_tables_the_router_by_phase_and_filters_seeds(tmp_path):
     """benchmarks/diagnosis/summarize.py: router statistics per phase from each run's training log
-    (kept as router.json), mean ± std per gate over the chosen seeds; runs moved aside are left out;
-    translation shows BLEU."""
+    (kept as router.json), mean ± std per gate over the chosen seeds, with the test perplexity of
+    the runs evaluate_test.py evaluated; runs moved aside are left out; translation shows BLEU."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("summarize", REPO / "benchmarks" / "diagnosis" / "summarize.py")
@@ -107,13 +107,52 @@ def test_summarize_tables_the_router_by_phase_and_filters_seeds(tmp_path):
     run("lm", "evomoe", "seed4", 60.0, 3.0, 4.0)
     run("lm", "evomoe", "seed1.previous-20261207-010000", 99.0, 9.0, 9.0)
     run("mt", "evomoe", "seed1", 33.0, 1.0, 2.0)
+    (tmp_path / "lm" / "evomoe" / "seed2" / "test.json").write_text(json.dumps({"ppl": 47.5}))
 
     rows = summarize.collect(tmp_path, "lm", seeds={1, 2})
     assert [r["seed"] for r in rows["evomoe"]] == [1, 2]
     assert json.loads((tmp_path / "lm" / "evomoe" / "seed1" / "router.json").read_text()) == {
         "1": {"logit_std": pytest.approx(1.1)}, "2": {"logit_std": 2.0}}
     line = summarize.table(rows).splitlines()[2]
-    assert line.startswith("| evomoe | 1, 2 | 51.000 ± 1.414 | 5.100 ± 0.141 | 2.000 ± 0.000 | 1.200 ± 0.141 |")
+    assert line.startswith("| evomoe | 1, 2 | 51.00 ± 1.41 | 47.50 (1 seed) | 5.100 ± 0.141 | 2.000 ± 0.000 | 1.200 ± 0.141 |")
     assert [r["seed"] for r in summarize.collect(tmp_path, "lm")["evomoe"]] == [1, 2, 4]  # not the run moved aside
     assert summarize.collect(tmp_path, "lm", seeds={4})["evomoe"][0]["metric"] == 60.0
     assert "test BLEU" in summarize.table(summarize.collect(tmp_path, "mt"), "mt")
+
+
+def test_evaluate_test_writes_the_test_perplexity_of_finished_runs(lm_data, evomoe_checkpoints, tmp_path):
+    """benchmarks/diagnosis/evaluate_test.py: the test perplexity of each finished run with a kept
+    checkpoint, on the data the store prepared for it; runs without a checkpoint are named as skipped,
+    runs already evaluated are left alone."""
+    import shutil
+
+    _, last = evomoe_checkpoints
+    data = tmp_path / "data" / "wikitext-2_spm4000"
+    data.mkdir(parents=True)
+    (data / "bin").symlink_to(lm_data)
+    data_settings = {"corpus": "wikitext-2", "spm_vocab": 4000, "train_lines": "all", "eval_lines": "all"}
+    (data / "settings.json").write_text(json.dumps({"settings": data_settings, "complete": True}))
+
+    def run(seed, checkpoint=True, tested=False):
+        d = tmp_path / "lm" / "evomoe" / f"seed{seed}"
+        (d / "ckpt").mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"seed": seed, "ppl": 50.0}))
+        (d / "settings.json").write_text(json.dumps({"seed": seed, "data": data_settings, "tokens_per_sample": 64,
+                                                     "fairseq_task": "evomoe_language_modeling"}))
+        if checkpoint:
+            shutil.copy(last, d / "ckpt" / "checkpoint_last.pt")
+        if tested:
+            (d / "test.json").write_text(json.dumps({"ppl": 1.0}))
+        return d
+
+    evaluated, without_checkpoint, tested = run(1), run(2, checkpoint=False), run(3, tested=True)
+    proc = subprocess.run([python_for_scripts(), str(REPO / "benchmarks" / "diagnosis" / "evaluate_test.py"),
+                           "--store", str(tmp_path), "--gates", "evomoe"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((evaluated / "test.json").read_text())
+    assert 1 < result["ppl"] < 1e4 and result["tokens"] > 0 and result["commit"]
+    assert result == {**json.loads((evaluated / "eval" / "ppl.test.json").read_text()),
+                      "checkpoint": "ckpt/checkpoint_last.pt", "commit": result["commit"]}
+    assert f"skipped (no checkpoint kept): {without_checkpoint}" in proc.stdout
+    assert not (without_checkpoint / "test.json").exists()
+    assert json.loads((tested / "test.json").read_text()) == {"ppl": 1.0}

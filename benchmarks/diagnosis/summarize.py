@@ -10,7 +10,7 @@ Per phase (EvoMoE: 1 soft, 2 hard; other gates: all lines), from the training lo
   top_gap     moe_router_top_gap, the same
   agree       moe_hard_eval_agree_pct, hard phase: % of tokens trained on the expert evaluation picks
 Beside them, from result.json: validation perplexity (lm) or test BLEU (mt), final validation loss
-and whole-run expert compute. A run without a training log keeps the router.json it has (none for runs older than the
+and whole-run expert compute; for lm also the test perplexity where evaluate_test.py wrote test.json. A run without a training log keeps the router.json it has (none for runs older than the
 statistics)."""
 
 import argparse
@@ -53,22 +53,23 @@ def collect(store: Path, task: str, seeds=None) -> dict:
             (run / "router.json").write_text(json.dumps(router_stats(run / "train.log"), indent=1) + "\n")
         router = json.loads((run / "router.json").read_text()) if (run / "router.json").is_file() else {}
         result = json.loads(result_file.read_text())
+        test = json.loads((run / "test.json").read_text()) if (run / "test.json").is_file() else {}
         curve = result.get("train_curve") or {}
         compute = (curve.get("moe_expert_compute") or [None])[-1]
         rows.setdefault(run.parent.name, []).append({
-            "seed": result["seed"], "metric": result.get("ppl" if task == "lm" else "bleu"),
+            "seed": result["seed"], "metric": result.get("ppl" if task == "lm" else "bleu"), "test_ppl": test.get("ppl"),
             "final_valid_loss": result.get("final_valid_loss"),
             "expert_compute_m": compute / 1e6 if compute else None, "router": router})
     return rows
 
 
-def mean_std(values) -> str:
+def mean_std(values, digits: int = 3) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.3f} (1 seed)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f} (1 seed)"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def phases(router: dict) -> tuple:
@@ -80,13 +81,17 @@ def phases(router: dict) -> tuple:
 
 
 def table(rows: dict, task: str = "lm") -> str:
-    head = (f"| gate | seeds | {'valid ppl' if task == 'lm' else 'test BLEU'} | final valid loss | expert compute (M) | logit std, soft | top gap, soft | "
+    metric = "valid ppl | test ppl" if task == "lm" else "test BLEU"
+    head = (f"| gate | seeds | {metric} | final valid loss | expert compute (M) | logit std, soft | top gap, soft | "
             "logit std, hard (others: whole run) | top gap, hard (others) | hard: tokens trained on the eval expert (%) |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for gate, runs in rows.items():
         def stat(which, name):
             return mean_std([(phases(r["router"])[which] or {}).get(name) for r in runs])
-        out.append(f"| {gate} | {', '.join(str(r['seed']) for r in runs)} | {mean_std([r['metric'] for r in runs])} | "
+        metric = mean_std([r["metric"] for r in runs], 2)
+        if task == "lm":
+            metric += f" | {mean_std([r['test_ppl'] for r in runs], 2)}"
+        out.append(f"| {gate} | {', '.join(str(r['seed']) for r in runs)} | {metric} | "
                    f"{mean_std([r['final_valid_loss'] for r in runs])} | {mean_std([r['expert_compute_m'] for r in runs])} | "
                    f"{stat(0, 'logit_std')} | {stat(0, 'top_gap')} | {stat(1, 'logit_std')} | {stat(1, 'top_gap')} | "
                    f"{stat(1, 'agree')} |")

@@ -4,6 +4,7 @@ on the final one (hard phase)."""
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -14,14 +15,15 @@ pytestmark = pytest.mark.slow  # trains with fairseq-train
 
 @pytest.fixture(scope="session")
 def evomoe_checkpoints(lm_data, tmp_path_factory):
-    """Spawn at update 4, tau 2.0 -> 0.5 by update 8, top-1 from 8; checkpoints at 4 (before the
-    spawn: it happens before the step of update 5) and 10 (hard phase)."""
+    """Spawn at update 4, tau 2.0 -> 0.5 by update 8, top-1 from 8 by the Gumbel-max sample (so that
+    training's rule and evaluation's differ); checkpoints at 4 (before the spawn: it happens before
+    the step of update 5) and 10 (hard phase)."""
     def build(save):
         run_cli("fairseq-train", lm_data, "--user-dir", USER_DIR, "--cpu", "--seed", "1", "--task", "evomoe_language_modeling",
                 "--arch", "transformer_lm_evomoe_tiny", "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64",
                 "--max-tokens", "512", "--optimizer", "adam", "--lr", "2e-3", "--max-update", "10", "--num-workers", "0",
                 "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "4", "--dts-hard-update", "8",
-                "--save-dir", save, "--save-interval-updates", "4", "--keep-interval-updates", "-1",
+                "--dts-hard-routing", "sample", "--save-dir", save, "--save-interval-updates", "4", "--keep-interval-updates", "-1",
                 "--no-epoch-checkpoints", "--disable-validation")
     save = built_once(tmp_path_factory, "evomoe_ckpt", build)
     return save / "checkpoint_1_4.pt", save / "checkpoint_last.pt"
@@ -120,18 +122,22 @@ def test_summarize_tables_the_router_by_phase_and_filters_seeds(tmp_path):
     assert "test BLEU" in summarize.table(summarize.collect(tmp_path, "mt"), "mt")
 
 
-def test_evaluate_test_writes_the_test_perplexity_of_finished_runs(lm_data, evomoe_checkpoints, tmp_path):
-    """benchmarks/diagnosis/evaluate_test.py: the test perplexity of each finished run with a kept
-    checkpoint, on the data the store prepared for it; runs without a checkpoint are named as skipped,
-    runs already evaluated are left alone."""
-    import shutil
+def test_evaluate_test_writes_the_test_perplexity_of_finished_runs(tmp_path, monkeypatch, capsys):
+    """benchmarks/diagnosis/evaluate_test.py: scripts/evaluate_lm.sh on the test split of each finished
+    run with a kept checkpoint, with the run's block length and task, on the data the store prepared
+    for it (here a stand-in that writes the script's JSON); runs without a checkpoint are named as
+    skipped, runs already evaluated are left alone."""
+    import importlib.util
 
-    _, last = evomoe_checkpoints
-    data = tmp_path / "data" / "wikitext-2_spm4000"
-    data.mkdir(parents=True)
-    (data / "bin").symlink_to(lm_data)
+    spec = importlib.util.spec_from_file_location("evaluate_test", REPO / "benchmarks" / "diagnosis" / "evaluate_test.py")
+    evaluate_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_test)
+
     data_settings = {"corpus": "wikitext-2", "spm_vocab": 4000, "train_lines": "all", "eval_lines": "all"}
-    (data / "settings.json").write_text(json.dumps({"settings": data_settings, "complete": True}))
+    for name, vocab in (("wikitext-2_spm500", 500), ("wikitext-2_spm4000", 4000)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "settings.json").write_text(
+            json.dumps({"settings": dict(data_settings, spm_vocab=vocab), "complete": True}))
 
     def run(seed, checkpoint=True, tested=False):
         d = tmp_path / "lm" / "evomoe" / f"seed{seed}"
@@ -140,19 +146,37 @@ def test_evaluate_test_writes_the_test_perplexity_of_finished_runs(lm_data, evom
         (d / "settings.json").write_text(json.dumps({"seed": seed, "data": data_settings, "tokens_per_sample": 64,
                                                      "fairseq_task": "evomoe_language_modeling"}))
         if checkpoint:
-            shutil.copy(last, d / "ckpt" / "checkpoint_last.pt")
+            (d / "ckpt" / "checkpoint_last.pt").write_text("weights")
         if tested:
             (d / "test.json").write_text(json.dumps({"ppl": 1.0}))
         return d
 
+    calls, real_run = [], subprocess.run
+
+    def evaluate_lm(cmd, **kw):  # what scripts/evaluate_lm.sh writes (git, for the commit, runs)
+        if not str(cmd[1]).endswith("evaluate_lm.sh"):
+            return real_run(cmd, **kw)
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out-dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ppl.test.json").write_text(json.dumps({"loss_base2": 5.5, "ppl": 45.25, "tokens": 1000}))
+
+    monkeypatch.setattr(evaluate_test.subprocess, "run", evaluate_lm)
     evaluated, without_checkpoint, tested = run(1), run(2, checkpoint=False), run(3, tested=True)
-    proc = subprocess.run([python_for_scripts(), str(REPO / "benchmarks" / "diagnosis" / "evaluate_test.py"),
-                           "--store", str(tmp_path), "--gates", "evomoe"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run(4)  # another gate's seed filter
+    evaluate_test.main(["--store", str(tmp_path), "--gates", "evomoe", "--seeds", "1,2,3"])
+
+    assert len(calls) == 1
+    cmd = calls[0]
+    assert cmd[1].endswith("scripts/evaluate_lm.sh")
+    opt = lambda flag: cmd[cmd.index(flag) + 1]
+    assert opt("--subset") == "test" and opt("--tokens-per-sample") == "64" and opt("--task") == "evomoe_language_modeling"
+    assert opt("--data-bin") == str(tmp_path / "data" / "wikitext-2_spm4000" / "bin")
+    assert opt("--checkpoint") == str(evaluated / "ckpt" / "checkpoint_last.pt")
     result = json.loads((evaluated / "test.json").read_text())
-    assert 1 < result["ppl"] < 1e4 and result["tokens"] > 0 and result["commit"]
-    assert result == {**json.loads((evaluated / "eval" / "ppl.test.json").read_text()),
-                      "checkpoint": "ckpt/checkpoint_last.pt", "commit": result["commit"]}
-    assert f"skipped (no checkpoint kept): {without_checkpoint}" in proc.stdout
+    assert result == {"loss_base2": 5.5, "ppl": 45.25, "tokens": 1000, "checkpoint": "ckpt/checkpoint_last.pt",
+                      "commit": result["commit"]} and result["commit"]
+    out = capsys.readouterr().out
+    assert f"skipped (no checkpoint kept): {without_checkpoint}" in out and "evomoe seed 1: test ppl 45.25" in out
     assert not (without_checkpoint / "test.json").exists()
     assert json.loads((tested / "test.json").read_text()) == {"ppl": 1.0}

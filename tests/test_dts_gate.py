@@ -147,12 +147,13 @@ def test_evaluation_is_deterministic_top1_without_drops():
 
 
 def test_hard_phase_uses_gumbel_max_and_capacity():
-    """Hard phase, training: top-1 by a Gumbel-max *sample* argmax(l + g), so with fixed logits where
+    """Hard phase, training, --dts-hard-routing sample (the authors'; the default is argmax(l), as
+    evaluation): top-1 by a Gumbel-max *sample* argmax(l + g), so with fixed logits where
     expert 0 dominates (p = softmax(l) = 0.71, 0.10, 0.10, 0.10), the other experts are still chosen,
     at the frequencies p (an argmax(l) routing would send every token to expert 0). Evaluation
     routes every token to argmax(l). Weights are p of the chosen expert; capacity may drop."""
     S, E = 20000, 4
-    gate = dts_gate(num_experts=E, updates=10, dts_hard_update=10)
+    gate = dts_gate(num_experts=E, updates=10, dts_hard_update=10, dts_hard_routing="sample")
     assert gate.phase == Phase.HARD
     with torch.no_grad():
         gate.router.wg.weight.zero_()

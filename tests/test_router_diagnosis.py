@@ -43,7 +43,8 @@ def tokens(n=4000):
 
 def test_hard_routing_argmax_routes_as_evaluation_and_sample_does_not():
     x = tokens()
-    sampled, argmax = hard_gate(), hard_gate(dts_hard_routing="argmax")
+    sampled, argmax = hard_gate(dts_hard_routing="sample"), hard_gate(dts_hard_routing="argmax")
+    assert hard_gate().hard_routing == "argmax"  # the default
     for gate in (sampled, argmax):
         gate.collect_stats = True
     torch.manual_seed(1)
@@ -66,7 +67,7 @@ def test_hard_routing_argmax_routes_as_evaluation_and_sample_does_not():
 
 def test_hard_combine_weights_gumbel_are_the_chosen_experts_gumbel_softmax_weight():
     x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0))
-    gate = hard_gate(dts_hard_combine_weights="gumbel", dts_tau_min=0.7)
+    gate = hard_gate(dts_hard_routing="sample", dts_hard_combine_weights="gumbel", dts_tau_min=0.7)
     gate.router.reset_parameters(torch.Generator().manual_seed(3))
     torch.manual_seed(5)
     r = gate(x, None)
@@ -139,9 +140,10 @@ class ToyCriterion(MoELossMixin, ToyTaskLoss):
 
 
 def hard_dts_layers():
-    """Two layers whose statistics the criterion switches on and off, as in fairseq-train."""
+    """Two layers whose statistics the criterion switches on and off, as in fairseq-train (the DTS
+    gate's hard phase samples, so that its agreement with evaluation is a statistic)."""
     model = nn.ModuleList([make_layer("dts", num_experts=E, seed=0, dts_anneal_updates=10, dts_hard_update=10,
-                                      evomoe_diversify_updates=0, stats=False),
+                                      evomoe_diversify_updates=0, dts_hard_routing="sample", stats=False),
                            make_layer("top1", num_experts=E, seed=1, stats=False)])
     model[0].layer_name, model[1].layer_name = "enc0", "dec0"
     return model
@@ -211,7 +213,8 @@ def test_sampled_statistics_pool_over_forwards_and_layers():
 
 def test_soft_phase_balance_weight_applies_to_soft_layers_only():
     """--moe-soft-gate-loss-wt weighs the balance loss of layers whose DTS gate is in its soft phase;
-    the other layers keep --moe-gate-loss-wt; -1 (default) is the old loss, to the bit."""
+    the other layers keep --moe-gate-loss-wt; -1 is the loss without the option, to the bit; the
+    default is 0."""
     x = torch.randn(100, 16, generator=torch.Generator().manual_seed(0))
 
     def gate_term(soft_wt, updates):
@@ -233,6 +236,12 @@ def test_soft_phase_balance_weight_applies_to_soft_layers_only():
     assert gate_term(0.01, 5)[0] == default  # the same weight given twice takes the default's path
 
 
+def test_soft_phase_balance_weight_defaults_to_none():
+    from fairseq_evomoe.criterions.moe_loss import MoELossOptions
+
+    assert MoELossOptions.moe_soft_gate_loss_wt == 0.0
+
+
 def test_soft_gate_loss_weight_must_be_valid():
     with pytest.raises(ValueError, match="--moe-soft-gate-loss-wt"):
         ToyCriterion(soft_wt=-0.5)
@@ -240,10 +249,10 @@ def test_soft_gate_loss_weight_must_be_valid():
 
 @pytest.mark.parametrize("phase_update", [5, 12])
 def test_evaluation_routings_for_diagnosis(phase_update):
-    """eval_routing: argmax (evaluation, the default), sample (the training rule of the phase,
-    nothing dropped) and softmax (every expert, weight p)."""
+    """eval_routing: argmax (evaluation, the default), sample (the training rule of the phase, here
+    --dts-hard-routing sample; nothing dropped) and softmax (every expert, weight p)."""
     layer = make_layer("dts", num_experts=E, seed=0, capacity_factor=1.0, dts_anneal_updates=10, dts_hard_update=10,
-                       evomoe_diversify_updates=0).eval()
+                       evomoe_diversify_updates=0, dts_hard_routing="sample").eval()
     layer.gate.set_num_updates(phase_update)
     x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
     probs = layer.gate.router(x).softmax(-1)

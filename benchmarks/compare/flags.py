@@ -79,8 +79,8 @@ def config_path(group: str, name: str, extra_dir: Optional[Path] = None) -> Opti
 
 def load_group_config(group: str, name: str, extra_dir: Optional[Path] = None) -> dict:
     """configs/<group>/<name>.yaml (or <extra_dir>/<name>.yaml) as a dict, with the configs its Hydra
-    `defaults` list names merged in first (as Hydra does; `_self_` last). SystemExit naming --gates
-    when it is missing."""
+    `defaults` list names merged in first (as Hydra does; `_self_` last); a config in extra_dir that
+    names itself there extends configs/<group>/<name>.yaml. SystemExit naming --gates when it is missing."""
     from omegaconf import OmegaConf
 
     path = config_path(group, name, extra_dir)
@@ -91,7 +91,7 @@ def load_group_config(group: str, name: str, extra_dir: Optional[Path] = None) -
     merged: dict = {}
     for entry in own.pop("defaults", []):
         if entry != "_self_":
-            merged.update(load_group_config(group, entry, extra_dir))
+            merged.update(load_group_config(group, entry, None if entry == name else extra_dir))
     merged.update(own)
     return merged
 
@@ -111,6 +111,32 @@ def phase_task(gate: str, task_name: str, extra_dir: Optional[Path] = None) -> O
     return None
 
 
+# The DTS gate's options whose defaults changed on 2026-12-07 (docs/evomoe_diagnosis.md), with
+# today's defaults (tests/test_compare_efficiency.py pins them to the code's). The harness passes
+# them explicitly to every DTS run, so a recorded command says what the run did whatever the
+# code's defaults; a command recorded before then ran with DTS_DEFAULTS_BEFORE.
+DTS_DEFAULTS = {"--dts-hard-routing": "argmax", "--moe-soft-gate-loss-wt": "0"}
+DTS_DEFAULTS_BEFORE = {"--dts-hard-routing": "sample", "--moe-soft-gate-loss-wt": "-1"}
+
+
+def is_dts(args: List[str]) -> bool:
+    return "--moe-gate" in args and args[args.index("--moe-gate") + 1 :][:1] == ["dts"]
+
+
+def split_dts_defaults(args: List[str], defaults: dict) -> Tuple[List[str], dict]:
+    """(args without the DTS_DEFAULTS flags, {flag: value as a number or word}): a flag that args
+    do not give takes its value in `defaults` (for a DTS gate; other gates: {})."""
+    rest, values = list(args), {}
+    for flag in DTS_DEFAULTS:
+        if flag in rest:
+            i = rest.index(flag)
+            values[flag] = rest[i + 1]
+            del rest[i : i + 2]
+        elif is_dts(args):
+            values[flag] = defaults[flag]
+    return rest, {f: float(v) if v.lstrip("-").replace(".", "", 1).isdigit() else v for f, v in values.items()}
+
+
 def gate_options(gate: str, task: str, extra_dir: Optional[Path] = None) -> Tuple[str, List[str]]:
     """fairseq-train options (and the task name) from configs/gate/<gate>.yaml and configs/evomoe_task."""
     args = config_flags(load_group_config("gate", gate, extra_dir))
@@ -123,6 +149,8 @@ def gate_options_for(a: argparse.Namespace, gate: str, task: str) -> Tuple[str, 
     for flag, val in (("--evomoe-spawn-mode", a.spawn_mode), ("--dts-tau-schedule", a.tau_schedule)):
         if flag in args:
             args[args.index(flag) + 1] = val
+    if is_dts(args):
+        args += [x for flag, val in DTS_DEFAULTS.items() if flag not in args for x in (flag, val)]
     return task_name, args
 
 

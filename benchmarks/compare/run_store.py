@@ -24,7 +24,7 @@ from plot_routing import parse_log, series
 
 from . import REPO, commands, evaluation
 from .data_cache import data_settings
-from .flags import gate_options_for, train_command
+from .flags import DTS_DEFAULTS_BEFORE, gate_options_for, split_dts_defaults, train_command
 from .settings import describe_changes, read_json
 
 
@@ -82,14 +82,18 @@ CHECKPOINT_CADENCE_FLAGS = ("--save-interval-updates",)
 
 def same_settings(old: Optional[dict], new: dict) -> bool:
     """Whether a run made with `old` settings is the run `new` asks for: equal, apart from the
-    checkpoint cadence (runs made before checkpoints were saved at every validation are reused)."""
+    checkpoint cadence (runs made before checkpoints were saved at every validation are reused) and
+    the place of the DTS options the harness now always passes (flags.DTS_DEFAULTS; a command
+    recorded without them ran with their defaults of the time)."""
     def comparable(s: dict) -> dict:
         cmd = list(s.get("train_command") or [])
         for flag in CHECKPOINT_CADENCE_FLAGS:
             if flag in cmd:
                 i = cmd.index(flag)
                 del cmd[i : i + 2]
-        return dict(s, train_command=cmd)
+        cmd, dts = split_dts_defaults(cmd, DTS_DEFAULTS_BEFORE)
+        gate_options, _ = split_dts_defaults(list(s.get("gate_options") or []), DTS_DEFAULTS_BEFORE)
+        return dict(s, train_command=cmd, gate_options=gate_options, dts_options=dts)
     return isinstance(old, dict) and comparable(old) == comparable(new)
 
 

@@ -12,6 +12,7 @@ trained before the store kept checkpoints are listed as skipped."""
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +56,10 @@ def evaluate(store: Path, run: Path, settings: dict) -> dict:
     cmd = ["bash", str(REPO / "scripts" / "evaluate_lm.sh"), "--data-bin", str(data_bin(store, settings["data"])),
            "--checkpoint", str(ck), "--subset", "test", "--tokens-per-sample", str(settings["tokens_per_sample"]),
            "--out-dir", str(run / "eval"), "--task", settings["fairseq_task"], "--cpu"]
+    env = dict(os.environ)
+    env.setdefault("PYTHON", sys.executable)  # the scripts find fairseq's tools next to this Python
     with open(run / "eval_test.out", "w") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, env=env)
     result = json.loads((run / "eval" / "ppl.test.json").read_text())
     result.update(checkpoint=str(ck.relative_to(run)), commit=commit(REPO))
     (run / "test.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -22,7 +22,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.criterions.masked_lm import MaskedLmConfig, MaskedLmLoss
 from fairseq.criterions.sentence_prediction import SentencePredictionConfig, SentencePredictionCriterion
 
-from .moe_loss import MoELossMixin, MoELossOptions, reduce_loss_and_ppl, reduce_moe_metrics
+from .moe_loss import SOFT_GATE_LOSS_WT, MoELossMixin, MoELossOptions, reduce_loss_and_ppl, reduce_moe_metrics
 
 
 @dataclass
@@ -33,7 +33,7 @@ class MoECrossEntropyConfig(CrossEntropyCriterionConfig, MoELossOptions):
 @register_criterion("moe_cross_entropy", dataclass=MoECrossEntropyConfig)
 class MoECrossEntropyCriterion(MoELossMixin, CrossEntropyCriterion):
     def __init__(self, task, sentence_avg, moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load,
-                 moe_soft_gate_loss_wt=-1.0, log_interval=0):
+                 moe_soft_gate_loss_wt=SOFT_GATE_LOSS_WT, log_interval=0):
         super().__init__(task, sentence_avg)
         self.init_moe_loss(moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load,
                            moe_soft_gate_loss_wt, log_interval)
@@ -63,7 +63,7 @@ class MoELabelSmoothedCrossEntropyCriterion(MoELossMixin, LabelSmoothedCrossEntr
         moe_log_expert_load,
         ignore_prefix_size=0,
         report_accuracy=False,
-        moe_soft_gate_loss_wt=-1.0,
+        moe_soft_gate_loss_wt=SOFT_GATE_LOSS_WT,
         log_interval=0,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)

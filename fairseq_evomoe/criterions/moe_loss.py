@@ -66,6 +66,9 @@ from ..moe.layer import MoELayer, moe_layers
 
 COMBINE_METHODS = ("sum", "average")
 
+# --moe-soft-gate-loss-wt's default: no balance loss while a DTS gate routes softly (docs/evomoe_diagnosis.md)
+SOFT_GATE_LOSS_WT = 0.0
+
 
 @dataclass
 class MoELossOptions(FairseqDataclass):
@@ -80,9 +83,10 @@ class MoELossOptions(FairseqDataclass):
         default=False, metadata={"help": "also log each expert's share of tokens per layer (for load heatmaps)"}
     )
     moe_soft_gate_loss_wt: float = field(
-        default=-1.0,
-        metadata={"help": "weight of the balance loss of MoE layers whose DTS gate is in its soft (dense-to-sparse) phase; "
-                  "-1 = --moe-gate-loss-wt (the hard phase and every other gate always use --moe-gate-loss-wt)"},
+        default=SOFT_GATE_LOSS_WT,
+        metadata={"help": "weight of the balance loss of MoE layers whose DTS gate is in its soft (dense-to-sparse) phase "
+                  "(default 0: none there); -1 = --moe-gate-loss-wt (the hard phase and every other gate always use "
+                  "--moe-gate-loss-wt)"},
     )
     # fairseq writes a training log line after every log_interval-th update: the statistics only
     # wanted on such steps are computed then (and for validation)
@@ -91,7 +95,7 @@ class MoELossOptions(FairseqDataclass):
 
 class MoELossMixin:
     def init_moe_loss(self, moe_gate_loss_wt, moe_gate_loss_combine_method, moe_z_loss_wt, moe_log_expert_load,
-                      moe_soft_gate_loss_wt=-1.0, log_interval=0):
+                      moe_soft_gate_loss_wt=SOFT_GATE_LOSS_WT, log_interval=0):
         if moe_gate_loss_combine_method not in COMBINE_METHODS:
             raise ValueError(
                 f"--moe-gate-loss-combine-method {moe_gate_loss_combine_method!r} is not valid; choose one of: {', '.join(COMBINE_METHODS)}"

@@ -14,8 +14,9 @@ soft phase (training, num_updates < H):
     p_e (default) or y_e (`--dts-combine-weights gumbel`), optionally renormalised over the selected
     experts. Nothing is dropped: capacity is unlimited.
 hard phase (training, num_updates >= H):
-    top-1 by the Gumbel-max sample argmax(l + g) (`--dts-hard-routing sample`, the authors') or by
-    argmax(l) (`argmax`: as evaluation routes; `--moe-router-jitter` adds Switch's input jitter),
+    top-1 by argmax(l) (`--dts-hard-routing argmax`, the default: as evaluation routes;
+    `--moe-router-jitter` adds Switch's input jitter) or by the Gumbel-max sample argmax(l + g)
+    (`sample`, the authors'),
     weight p of that expert (`--dts-hard-combine-weights softmax`) or its Gumbel-softmax weight y
     at the current temperature (`gumbel`, as the authors' code with Gumbel combine weights);
     capacity as configured. On steps that collect statistics the gate reports hard_eval_agree_pct,
@@ -53,7 +54,7 @@ from .schedule import EvoMoESchedule, Phase
 
 COMBINE_WEIGHTS = ("softmax", "gumbel")
 SPARSITY_MODES = ("threshold", "scheduled")
-HARD_ROUTING = ("sample", "argmax")
+HARD_ROUTING = ("argmax", "sample")  # the first is the default (docs/evomoe_diagnosis.md)
 EVAL_ROUTING = ("argmax", "sample", "softmax")  # the gate's eval_routing; argmax is evaluation's
 
 
@@ -87,9 +88,9 @@ class DTSOptions(FairseqDataclass):
     )
     dts_allow_hard_start: bool = field(default=False, metadata={"help": "dts gate: allow a --dts-hard-update at or before the spawn (top-1 from the start)"})
     dts_hard_routing: str = field(
-        default="sample",
-        metadata={"help": "dts gate, hard phase: sample (top-1 by argmax(l + g), the Gumbel-max sample, as the authors) or "
-                  "argmax (top-1 by argmax(l), the expert evaluation routes to; no noise)"},
+        default=HARD_ROUTING[0],
+        metadata={"help": "dts gate, hard phase: argmax (top-1 by argmax(l), the expert evaluation routes to; no noise; "
+                  "the default) or sample (top-1 by argmax(l + g), the Gumbel-max sample, as the authors)"},
     )
     dts_hard_combine_weights: str = field(
         default="softmax",
@@ -116,7 +117,7 @@ class DenseToSparseGate(RouterGate):
             raise ValueError(f"--dts-sparsity {self.sparsity!r} is not valid; choose one of: {', '.join(SPARSITY_MODES)}")
         if not 1 <= self.k_start <= num_experts:
             raise ValueError(f"--dts-k-start must be between 1 and --moe-expert-count ({num_experts}), or 0 for all experts; got {self.k_start}")
-        self.hard_routing = getattr(args, "dts_hard_routing", "sample")
+        self.hard_routing = getattr(args, "dts_hard_routing", HARD_ROUTING[0])
         self.hard_combine = getattr(args, "dts_hard_combine_weights", "softmax")
         self.eval_routing = "argmax"  # diagnosis only (scripts/evaluate_routing.py); not an option
         if self.hard_routing not in HARD_ROUTING:

@@ -1,0 +1,59 @@
+"""The gate-comparison harness's settings across the change of the DTS gate's defaults: every DTS run
+records its hard-phase routing and soft-phase balance-loss weight explicitly, and a run recorded
+before that (without them) counts as made with the defaults of its time."""
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # plot_routing
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from compare.flags import DTS_DEFAULTS, gate_options_for  # noqa: E402
+from compare.run_store import same_settings  # noqa: E402
+
+DIAGNOSIS_GATES = REPO / "benchmarks" / "diagnosis" / "gates"
+
+
+def options(gate, gate_dir=None):
+    a = argparse.Namespace(spawn_mode="mask", tau_schedule="linear", gate_dir=gate_dir)
+    args = gate_options_for(a, gate, "lm")[1]
+    return args, {f: args[args.index(f) + 1] for f in DTS_DEFAULTS if f in args}
+
+
+def test_the_harness_knows_the_code_defaults():
+    from fairseq_evomoe.criterions.moe_loss import MoELossOptions
+    from fairseq_evomoe.evomoe.dts_gate import DTSOptions
+
+    assert DTS_DEFAULTS == {"--dts-hard-routing": DTSOptions.dts_hard_routing,
+                            "--moe-soft-gate-loss-wt": f"{MoELossOptions.moe_soft_gate_loss_wt:g}"}
+    assert options("evomoe")[1] == {"--dts-hard-routing": "argmax", "--moe-soft-gate-loss-wt": "0"}
+    assert options("switch")[1] == {}  # other gates: nothing added
+
+
+def test_diagnosis_gates_keep_the_meaning_they_had_in_the_study():
+    """benchmarks/diagnosis/gates/evomoe.yaml extends configs/gate/evomoe.yaml with the defaults the
+    study ran; each variant is one change from it."""
+    want = {"evomoe": ("sample", "-1"), "evomoe_argmax": ("argmax", "-1"), "evomoe_soft_bal0": ("sample", "0"),
+            "evomoe_argmax_bal0": ("argmax", "0")}
+    for gate, (routing, weight) in want.items():
+        assert options(gate, DIAGNOSIS_GATES)[1] == {"--dts-hard-routing": routing, "--moe-soft-gate-loss-wt": weight}, gate
+    # apart from those two, the study's evomoe is configs/gate/evomoe.yaml
+    strip = lambda args: [x for i, x in enumerate(args) if x not in DTS_DEFAULTS and args[i - 1] not in DTS_DEFAULTS]
+    assert strip(options("evomoe", DIAGNOSIS_GATES)[0]) == strip(options("evomoe")[0])
+
+
+def test_a_run_recorded_before_the_explicit_options_is_reused_only_for_its_defaults():
+    def settings(gate_options):
+        return {"gate": "evomoe", "seed": 1, "gate_options": gate_options,
+                "train_command": ["fairseq-train", "<data>/bin", "--seed", "1", "--save-interval-updates", "50"] + gate_options}
+
+    study_evomoe = options("evomoe", DIAGNOSIS_GATES)[0]
+    recorded_before = [x for i, x in enumerate(study_evomoe)
+                       if x not in DTS_DEFAULTS and study_evomoe[i - 1] not in DTS_DEFAULTS]  # no explicit flags
+    assert len(recorded_before) == len(study_evomoe) - 4
+    assert same_settings(settings(recorded_before), settings(study_evomoe))  # sample, -1: what it ran
+    assert not same_settings(settings(recorded_before), settings(options("evomoe")[0]))  # today's defaults differ
+    reordered = recorded_before + ["--moe-soft-gate-loss-wt", "-1.0", "--dts-hard-routing", "sample"]
+    assert same_settings(settings(reordered), settings(study_evomoe))  # where the flags stand, and -1 vs -1.0

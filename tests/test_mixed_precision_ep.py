@@ -200,7 +200,8 @@ def test_cli_fp16_two_workers_agree_match_one_process_and_resume_without_reset(m
     from conftest import run_cli
     from test_expert_parallel import TRAIN_ARGS, _curve, _optimizer_state
 
-    fp16 = ["--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "16", "--max-update", "4"]
+    # fp16 matmuls are emulated on CPU (5x fp32's time): small batches keep the test short
+    fp16 = ["--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "16", "--max-update", "4", "--max-tokens", "300"]
     dist_args = ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
     two, one = tmp_path / "w2", tmp_path / "w1"
     log2 = _checked_torchrun(mt_data, *TRAIN_ARGS, *fp16, *dist_args, "--save-dir", two)
@@ -235,7 +236,7 @@ def test_cli_memory_efficient_fp16_two_workers_agree_and_match_one_process(mt_da
     from conftest import run_cli
     from test_expert_parallel import TRAIN_ARGS, _curve
 
-    mefp16 = ["--memory-efficient-fp16", "--fp16-init-scale", "16", "--max-update", "3", "--no-save"]
+    mefp16 = ["--memory-efficient-fp16", "--fp16-init-scale", "16", "--max-update", "3", "--no-save", "--max-tokens", "300"]
     log2 = _checked_torchrun(mt_data, *TRAIN_ARGS, *mefp16, "--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp")
     p1 = run_cli("fairseq-train", mt_data, *TRAIN_ARGS, *mefp16, "--update-freq", "2")
     (loss2, gnorm2, _), (loss1, gnorm1, _) = _curve(log2), _curve(p1.stdout + p1.stderr)

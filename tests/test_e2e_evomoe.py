@@ -2,12 +2,13 @@
 generation from the final checkpoint, and bit-exact resume across the phase boundaries."""
 
 import shutil
+import subprocess
 
 import pytest
 import torch
 
 import fairseq_evomoe  # noqa: F401  (allowlists fairseq's checkpoint types for torch.load)
-from conftest import USER_DIR, json_logs, run_cli
+from conftest import USER_DIR, built_once, json_logs, run_cli
 
 pytestmark = pytest.mark.slow  # every test trains with fairseq-train
 
@@ -25,9 +26,21 @@ def lm_args(lm_data, save, *extra):
             "--save-dir", save, *SCHEDULE, *extra]
 
 
-def test_language_model_runs_every_phase(lm_data, tmp_path):
-    save = tmp_path / "ckpt"
-    proc = run_cli("fairseq-train", *lm_args(lm_data, save, "--max-update", "18", "--disable-validation"))
+@pytest.fixture(scope="session")
+def every_phase_lm(lm_data, tmp_path_factory):
+    """(checkpoint folder, training output) of one LM run through every phase, 16 updates with a
+    checkpoint at each; built once per test run for the phase test and the resume test."""
+    def build(folder):
+        proc = run_cli("fairseq-train", *lm_args(lm_data, folder / "ckpt", "--max-update", "16",
+                                                 "--save-interval-updates", "1", "--disable-validation"))
+        (folder / "train.out").write_text(proc.stdout + "\n" + proc.stderr)
+    folder = built_once(tmp_path_factory, "evomoe_every_phase_lm", build)
+    out = (folder / "train.out").read_text()
+    return folder / "ckpt", subprocess.CompletedProcess([], 0, stdout=out, stderr="")
+
+
+def test_language_model_runs_every_phase(lm_data, every_phase_lm):
+    save, proc = every_phase_lm
     rows = {int(r["num_updates"]): r for r in json_logs(proc)}
     text = proc.stdout + proc.stderr
     assert "EvoMoE: spawned 4 experts" in text and "at update 4" in text
@@ -37,7 +50,7 @@ def test_language_model_runs_every_phase(lm_data, tmp_path):
     # updates are logged after they finish: update n+1's row shows the routing of step n
     diversify = [rows[n] for n in range(1, 5)]
     soft = [rows[n] for n in range(5, 14)]
-    hard = [rows[n] for n in range(14, 19)]
+    hard = [rows[n] for n in range(14, 17)]
     assert all(r["moe_phase"] == 0 and r["moe_experts_per_token"] == 1 for r in diversify)
     assert all(r["moe_phase"] == 1 for r in soft) and all(r["moe_phase"] == 2 for r in hard)
     ept = [r["moe_experts_per_token"] for r in soft]
@@ -88,12 +101,11 @@ def model_params(path):
     return torch.load(path, map_location="cpu")["model"]
 
 
-def test_resume_is_exact_across_phases(lm_data, tmp_path):
+def test_resume_is_exact_across_phases(lm_data, every_phase_lm, tmp_path):
     """Interrupted before the spawn, right after it, in the soft phase and after the hard switch, a
     resumed run ends with exactly the parameters of the uninterrupted run."""
-    full = tmp_path / "full"
-    full_log = json_logs(run_cli("fairseq-train", *lm_args(lm_data, full, "--max-update", "16", "--save-interval-updates", "1",
-                                                           "--disable-validation")))
+    full, full_proc = every_phase_lm
+    full_log = json_logs(full_proc)
     reference = model_params(full / "checkpoint_last.pt")
     assert bool(reference["decoder.layers.1.moe.spawned"])
     for stop in (3, 5, 9, 14):  # T_div = 4, H = 13

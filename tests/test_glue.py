@@ -52,12 +52,12 @@ def finetune(task, ckpt, data, save, updates, *extra):
 
 
 def test_stsb_regression_learns_with_top1_routing_and_the_balance_loss(pretrained, glue_bin, tmp_path):
-    proc = finetune("STS-B", pretrained, glue_bin / "STS-B-bin", tmp_path / "ft", 150)
+    proc = finetune("STS-B", pretrained, glue_bin / "STS-B-bin", tmp_path / "ft", 60)
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("STS-B dev: pearson ") and "spearman" in line and "(100 examples)" in line
     metrics = json.loads((tmp_path / "ft" / "dev_metrics.json").read_text())
     assert metrics["examples"] == 100
-    # the score is the share of kept words: learnable, and learnt well above chance in 150 updates
+    # the score is the share of kept words: learnable, and learnt well above chance in 60 updates (pearson 59 here, 69 after 150)
     assert metrics["pearson"] > 30 and metrics["spearman"] > 30, metrics
     log = [json.loads(line[line.index("{"):]) for line in open(tmp_path / "ft" / "train.log") if "train_inner_loss" in line]
     assert log, "no training log lines"

@@ -85,8 +85,7 @@ class MoEMaskedLmConfig(MaskedLmConfig, MoELossOptions):
 class MoEMaskedLmLoss(MoELossMixin, MaskedLmLoss):
     def __init__(self, cfg: MoEMaskedLmConfig, task):
         super().__init__(cfg, task)
-        self.init_moe_loss(cfg.moe_gate_loss_wt, cfg.moe_gate_loss_combine_method, cfg.moe_z_loss_wt, cfg.moe_log_expert_load,
-                           cfg.moe_soft_gate_loss_wt, cfg.log_interval)
+        self.init_moe_loss_from_cfg(cfg)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
@@ -107,8 +106,7 @@ class MoESentencePredictionCriterion(MoELossMixin, SentencePredictionCriterion):
 
     def __init__(self, cfg: MoESentencePredictionConfig, task):
         super().__init__(cfg, task)
-        self.init_moe_loss(cfg.moe_gate_loss_wt, cfg.moe_gate_loss_combine_method, cfg.moe_z_loss_wt, cfg.moe_log_expert_load,
-                           cfg.moe_soft_gate_loss_wt, cfg.log_interval)
+        self.init_moe_loss_from_cfg(cfg)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -111,6 +111,11 @@ class MoELossMixin:
         self.moe_log_expert_load = moe_log_expert_load
         self.log_interval = log_interval if isinstance(log_interval, int) else 0
 
+    def init_moe_loss_from_cfg(self, cfg):
+        """init_moe_loss for criteria that take their whole config (a MoELossOptions subclass)."""
+        self.init_moe_loss(cfg.moe_gate_loss_wt, cfg.moe_gate_loss_combine_method, cfg.moe_z_loss_wt,
+                           cfg.moe_log_expert_load, cfg.moe_soft_gate_loss_wt, cfg.log_interval)
+
     def forward(self, model, sample, reduce=True):
         """The task criterion's forward (next in the MRO), plus the MoE loss. Validation forwards
         and the training forwards of a logged update also collect the statistics wanted only then."""

@@ -124,6 +124,23 @@ def test_paper_translation_setting():
     assert list(cfg.optimization.lr) == [0.0005] and cfg.dataset.max_tokens == 4096
 
 
+@pytest.mark.parametrize("name, weight, combine", [
+    ("wmt17_en_de", 0.0, "sum"),        # their translation scripts: --moe-gate-loss-wt 0, summed
+    ("tiny_mt", 0.0, "sum"),
+    ("gpt_small", 0.01, "average"),     # their GPT runs: 0.01
+    ("tiny_lm", 0.01, "average"),
+    ("roberta_base", 0.01, "average"),  # not published: the config's weight
+])
+def test_authors_gate_sets_their_balance_loss(name, weight, combine):
+    """gate=evomoe_authors also sets the criterion's balance loss as the authors ran it, in both DTS
+    phases (-1: the soft phase at the same weight), and a command-line override still wins."""
+    c = compose(name, ["gate=evomoe_authors"]).criterion
+    assert (c.moe_gate_loss_wt, c.moe_gate_loss_combine_method, c.moe_soft_gate_loss_wt) == (weight, combine, -1)
+    assert compose(name, ["gate=evomoe_authors", "criterion.moe_gate_loss_wt=0.05"]).criterion.moe_gate_loss_wt == 0.05
+    # today's default gate keeps the project's criterion: no balance loss in the soft phase
+    assert compose(name, ["gate=evomoe"]).criterion.moe_soft_gate_loss_wt == 0
+
+
 @pytest.mark.slow
 def test_hydra_train_runs_tiny_config(lm_data, tmp_path):
     """fairseq-hydra-train really trains configs/tiny_lm.yaml with gate=evomoe (through the spawn and

@@ -2,6 +2,8 @@
 # Runs behind docs/sparsity.md: DTS gate, --dts-sparsity scheduled vs threshold (the paper's rule),
 # tiny 4-layer GPT on WikiText-2, CPU. Raw JSON logs go to LOG_DIR (default /tmp/sparsity_logs);
 # the tables of docs/sparsity.md are printed at the end (also: bash benchmarks/sparsity_runs.sh --tables).
+# The DTS settings are those of the page's runs (2026-11-30): the hard phase samples argmax(l + g) and
+# the balance loss applies in the soft phase too, as the defaults were then.
 #
 #   (with fairseq-train on PATH, e.g. . .venv/bin/activate)
 #   bash scripts/prepare_wikitext.sh --out-dir /tmp/wt2     # once: -> /tmp/wt2/bin
@@ -26,7 +28,7 @@ run() {
         --tokens-per-sample 128 --sample-break-mode none --max-tokens 2048 \
         --optimizer adam --adam-betas '(0.9, 0.98)' --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 50 \
         --max-update "$max_update" --evomoe-diversify-updates "$t_div" --dts-anneal-updates "$d" --dts-hard-update "$h" \
-        --dts-sparsity "$sparsity" \
+        --dts-sparsity "$sparsity" --dts-hard-routing sample --moe-soft-gate-loss-wt -1 \
         --seed 1 --cpu --num-workers 0 --log-format json --log-interval 1 --disable-validation --no-save \
         > "$LOG_DIR/$name.log" 2>&1 && echo "done: $name" || echo "FAILED: $name (see $LOG_DIR/$name.log)"
 }

@@ -4,11 +4,12 @@ README's options table says what options do (results live in docs/results.md), a
 docs/distributed.md names every wrap that fairseq_evomoe/patches.py installs."""
 
 import ast
+import shlex
 import re
 
 from packaging.specifiers import SpecifierSet
 
-from conftest import REPO
+from conftest import REPO, USER_DIR
 
 import fairseq_evomoe.patches as patches
 
@@ -102,3 +103,39 @@ def test_distributed_md_names_every_patch():
     page = (REPO / "docs" / "distributed.md").read_text(encoding="utf-8")
     section = page.split("## What is patched", 1)[1].split("\n## ", 1)[0]
     assert [n for n in names if f"`{n}`" not in section] == []
+
+
+def documented_commands() -> list:
+    """(page, argv) of every fairseq-train / -generate / -eval-lm command in the pages' shell blocks,
+    continuation lines joined and trailing comments dropped."""
+    pages = [REPO / "README.md", REPO / "configs" / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+    found = []
+    for page in pages:
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                line = line.split(" #")[0].strip()
+                if re.match(r"fairseq-(train|generate|eval-lm) ", line):
+                    found.append((page.relative_to(REPO).as_posix(), shlex.split(line)))
+    return found
+
+
+def test_documented_fairseq_commands_parse():
+    """Every fairseq-train, fairseq-generate and fairseq-eval-lm command the pages show is accepted by
+    fairseq's own parser with the plugin loaded: no option is misspelt, removed or given a bad choice."""
+    from fairseq import options
+
+    parsers = {"fairseq-train": options.get_training_parser, "fairseq-generate": options.get_generation_parser,
+               "fairseq-eval-lm": options.get_eval_lm_parser}
+    commands = documented_commands()
+    assert {argv[0] for _, argv in commands} == set(parsers), [argv[0] for _, argv in commands]
+    # the placeholders a page explains next to its command, with one of their values
+    placeholders = {"$E": "8", "$SPARSITY": "threshold"}
+    failed = []
+    for page, argv in commands:
+        args = [USER_DIR if a == "fairseq_evomoe" else placeholders.get(a, a) for a in argv[1:]]
+        assert not [a for a in args if a.startswith("$")], f"{page}: a placeholder this test does not know: {args}"
+        try:
+            options.parse_args_and_arch(parsers[argv[0]](), input_args=args)
+        except SystemExit:
+            failed.append(f"{page}: {' '.join(argv)}")
+    assert not failed, "commands fairseq's parser rejects:\n" + "\n".join(failed)

@@ -57,3 +57,55 @@ def test_a_run_recorded_before_the_explicit_options_is_reused_only_for_its_defau
     assert not same_settings(settings(recorded_before), settings(options("evomoe")[0]))  # today's defaults differ
     reordered = recorded_before + ["--moe-soft-gate-loss-wt", "-1.0", "--dts-hard-routing", "sample"]
     assert same_settings(settings(reordered), settings(study_evomoe))  # where the flags stand, and -1 vs -1.0
+
+
+def page_command(page: Path) -> list:
+    """The harness's argv from a report's `Command:` line (without --note and --results)."""
+    import re
+    import shlex
+
+    line = re.search(r"^Command: `python benchmarks/compare_gates.py (.*)`$", page.read_text(encoding="utf-8"), re.M)
+    argv = shlex.split(line.group(1))
+    for flag in ("--note", "--results"):
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
+    return argv
+
+
+# each report with the run store its page points to (results_long*.md: the store moved to
+# benchmarks/runs; docs/results.md gives the command that reuses it)
+STORED_REPORTS = [
+    ("docs/results_long.md", ["--work-dir", "benchmarks/runs", "--gate-dir", "benchmarks/diagnosis/gates"]),
+    ("docs/results_long_mt.md", ["--work-dir", "benchmarks/runs", "--gate-dir", "benchmarks/diagnosis/gates"]),
+    ("benchmarks/diagnosis/report_lm.md", []),
+    ("benchmarks/diagnosis/report_lm_fresh.md", []),
+    ("benchmarks/diagnosis/report_mt.md", []),
+]
+
+
+def test_every_stored_run_is_reused_by_its_reports_command():
+    """Rerunning a report's command (as its page says) reuses every committed result instead of
+    moving it aside and training again: a change to a gate's config or to the harness's flags that
+    would silently retrain the stored runs fails here. The data directory is the one the runs
+    recorded (a run made from other data is not the same run)."""
+    from compare.cli import parse_args
+    from compare.data_cache import locate_data
+    from compare.run_store import finished_result, run_dir
+    from compare.settings import read_json
+
+    checked = 0
+    for page, extra in STORED_REPORTS:
+        argv = page_command(REPO / page) + extra
+        a = parse_args([str(REPO / x) if x.startswith(("benchmarks/", "docs/")) else x for x in argv], "test")
+        for task in a.tasks:
+            for gate in a.gates:
+                for seed in a.seeds:
+                    result = run_dir(a, task, gate, seed) / "result.json"
+                    if not result.is_file():
+                        continue  # listed in the report as missing
+                    a.data_dir = Path(read_json(result)["settings"]["data"]["data_dir"])
+                    data = locate_data(a, task)[0]
+                    assert finished_result(a, task, gate, seed, data) is not None, f"{page}: {task} {gate} seed {seed} would be trained again"
+                    checked += 1
+    assert checked >= 111, checked  # the stored results when this test was written

@@ -98,11 +98,14 @@ def load_group_config(group: str, name: str, extra_dir: Optional[Path] = None) -
 
 def phase_task(gate: str, task_name: str, extra_dir: Optional[Path] = None) -> Optional[str]:
     """The evomoe_* task of a gate config: configs/evomoe_task/<gate>_<task>.yaml of the gate or of
-    the first config its `defaults` name that has one (a variant of gate=evomoe runs evomoe's task)."""
+    the first config its `defaults` name that has one (a variant of gate=evomoe runs evomoe's task).
+    Such a file is in package `task`, or `_global_` with a `task` section (when it also sets the
+    criterion: the harness keeps its own, --balance-wt, for every gate)."""
     from omegaconf import OmegaConf
 
     if (REPO / "configs" / "evomoe_task" / f"{gate}_{task_name}.yaml").is_file():
-        return load_group_config("evomoe_task", f"{gate}_{task_name}")["_name"]
+        cfg = load_group_config("evomoe_task", f"{gate}_{task_name}")
+        return cfg["task"]["_name"] if "task" in cfg else cfg["_name"]
     path = config_path("gate", gate, extra_dir)
     for entry in (OmegaConf.to_container(OmegaConf.load(path), resolve=False).get("defaults", []) if path else []):
         found = phase_task(entry, task_name, extra_dir) if entry != "_self_" else None

@@ -58,6 +58,9 @@ def model_flags(model_cfg) -> list:
 
 
 def main():
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(__doc__)
+        return
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     path, key = sys.argv[1:]

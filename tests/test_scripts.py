@@ -82,9 +82,11 @@ def test_prepare_wmt17_local_mode(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["prepare_multi30k.sh", "prepare_wikitext.sh", "prepare_wmt17_en_de.sh",
-                                    "evaluate_translation.sh", "evaluate_lm.sh", "quickstart.sh"])
+                                    "evaluate_translation.sh", "evaluate_lm.sh", "quickstart.sh", "prepare_glue.sh",
+                                    "finetune_glue.sh"])
 def test_shell_scripts_reject_bad_options(script):
-    proc = sh(script, "--no-such-option", check=False)
+    positional = ("rte", "checkpoint.pt") if script == "finetune_glue.sh" else ()
+    proc = sh(script, *positional, "--no-such-option", check=False)
     assert proc.returncode != 0 and "--no-such-option" in proc.stderr and "Usage" in proc.stderr
     assert sh(script, "--help").stdout.startswith("Usage")
     text = (SCRIPTS / script).read_text()

@@ -139,3 +139,42 @@ def test_documented_fairseq_commands_parse():
         except SystemExit:
             failed.append(f"{page}: {' '.join(argv)}")
     assert not failed, "commands fairseq's parser rejects:\n" + "\n".join(failed)
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page) -> set:
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    found, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.*)$", text, flags=re.M):
+        a = github_anchor(heading)
+        found.add(a if a not in seen else f"{a}-{seen[a]}")
+        seen[a] = seen.get(a, 0) + 1
+    return found
+
+
+def test_github_anchor():
+    assert github_anchor("The authors' configuration: `configs/gate/evomoe_authors.yaml`") == \
+        "the-authors-configuration-configsgateevomoe_authorsyaml"
+    assert github_anchor("The defaults (since 2026-12-07)") == "the-defaults-since-2026-12-07"
+
+
+def test_relative_links_and_anchors_resolve():
+    pages = ([REPO / "README.md", REPO / "configs" / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+             + sorted((REPO / "benchmarks").glob("**/*.md")))
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)

@@ -236,6 +236,33 @@ def test_soft_phase_balance_weight_applies_to_soft_layers_only():
     assert gate_term(0.01, 5)[0] == default  # the same weight given twice takes the default's path
 
 
+@pytest.mark.parametrize("gate, updates", [("stablemoe", 0), ("stablemoe", 20), ("top1", 0), ("top2", 0), ("hash", 0),
+                                            ("base", 0), ("dts", 12), ("dts-diversify", 0)])
+def test_only_the_dts_soft_phase_takes_the_soft_balance_weight(gate, updates):
+    """Every other layer's balance loss is weighted by --moe-gate-loss-wt, whatever
+    --moe-soft-gate-loss-wt says: StableMoE's stage 1 (whose logged `phase` is 1, as the DTS soft
+    phase's), the other baselines, the DTS hard phase, and an EvoMoE layer before its spawn."""
+    kw = dict(stablemoe_stage2_update=10) if gate == "stablemoe" else {}
+    if gate.startswith("dts"):
+        kw = dict(dts_anneal_updates=10, dts_hard_update=10, evomoe_diversify_updates=0)
+    model = nn.ModuleList([make_layer(gate.split("-")[0], num_experts=E, seed=0, stats=False,
+                                      diversify=gate == "dts-diversify", **kw)]).train()
+    set_updates(model, updates)
+    x = torch.randn(100, 16, generator=torch.Generator().manual_seed(0))
+    token_ids = torch.arange(100)
+    assert not model[0].routes_dense_to_sparse()
+    crit = ToyCriterion(soft_wt=0.0, wt=0.01)
+    assert crit.balance_weights(list(model)) is None
+    if gate != "dts-diversify":
+        model[0](x, token_ids) if gate in ("hash", "stablemoe") else model[0](x)
+        balance = model[0].metadata["balance_loss"].item()
+        _, _, log = crit.add_moe_loss(model, torch.zeros(()), 100, {})
+        extra = model[0].metadata["extra_loss"].item() if "extra_loss" in model[0].metadata else 0.0
+        has_balance_loss = gate in ("top1", "top2", "dts") or (gate, updates) == ("stablemoe", 0)  # hash, BASE: none
+        assert (balance > 0) == has_balance_loss
+        assert log["moe_gate_loss"].item() == pytest.approx(100 * (0.01 * balance + extra), rel=1e-6)
+
+
 def test_soft_phase_balance_weight_defaults_to_none():
     from fairseq_evomoe.criterions.moe_loss import MoELossOptions
 

@@ -61,7 +61,6 @@ from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 from fairseq import metrics, utils
 
-from ..evomoe.schedule import Phase
 from ..moe.layer import MoELayer, moe_layers
 
 COMBINE_METHODS = ("sum", "average")
@@ -139,7 +138,7 @@ class MoELossMixin:
         the DTS gate's soft phase); None where every layer has --moe-gate-loss-wt."""
         if self.moe_soft_gate_loss_wt == self.moe_gate_loss_wt:
             return None
-        soft = [m.state_for_logging().get("phase") == Phase.SOFT for m in layers]
+        soft = [m.routes_dense_to_sparse() for m in layers]
         if not any(soft):
             return None
         return torch.tensor([self.moe_soft_gate_loss_wt if s else self.moe_gate_loss_wt for s in soft])

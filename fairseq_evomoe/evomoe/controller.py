@@ -22,8 +22,12 @@ def diversifying_layers(model) -> List[DiversifyingMoELayer]:
     return [m for m in moe_layers(model) if isinstance(m, DiversifyingMoELayer)]
 
 
-def layer_phase(layer: MoELayer) -> Phase:
-    return Phase(layer.state_for_logging().get("phase", Phase.SOFT))
+def layer_phase(layer: MoELayer) -> Optional[Phase]:
+    """The layer's EvoMoE phase: diversify before its spawn, then its DTS gate's phase; None for any
+    other gate (a baseline under an evomoe_* task; StableMoE's stages are not EvoMoE phases)."""
+    if isinstance(layer, DiversifyingMoELayer) and not layer.is_spawned:
+        return Phase.DIVERSIFY
+    return layer.gate.phase if layer.gate.name == "dts" else None
 
 
 class PhaseController:
@@ -62,7 +66,7 @@ class PhaseController:
         if not layers:
             return
         phase = layer_phase(layers[0])
-        if phase != self.last_phase:
+        if phase is not None and phase != self.last_phase:
             state = layers[0].state_for_logging()
             tau = f", tau {state['temperature']:.3f}" if "temperature" in state and phase == Phase.SOFT else ""
             logger.info(f"EvoMoE phase at update {num_updates}: {phase.name.lower()}{tau}")

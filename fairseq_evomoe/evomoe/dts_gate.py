@@ -165,6 +165,9 @@ class DenseToSparseGate(RouterGate):
         self.loaded_position = 0
         self.set_num_updates(0)
 
+    def routes_dense_to_sparse(self) -> bool:
+        return self.phase == Phase.SOFT
+
     def state_for_logging(self):
         state = {"temperature": self.tau, "phase": int(self.phase)}
         if self.sparsity == "scheduled":

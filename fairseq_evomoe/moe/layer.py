@@ -90,6 +90,10 @@ class MoELayer(nn.Module):
         """Scalars about the layer's schedule (the gate's temperature, phase...) for the criterion."""
         return self.gate.state_for_logging()
 
+    def routes_dense_to_sparse(self) -> bool:
+        """Whether the layer's gate routes it dense-to-sparse now (the DTS gate's soft phase)."""
+        return self.gate_routes and self.gate.routes_dense_to_sparse()
+
     def reset_schedule(self) -> None:
         """Back to the routing schedule's start, as built (for weights that come from a dense model)."""
         self.gate.reset_schedule()

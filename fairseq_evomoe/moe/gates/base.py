@@ -104,6 +104,11 @@ class Gate(nn.Module):
         """Scalars about the gate's schedule (temperature, stage...) for the criterion's log."""
         return {}
 
+    def routes_dense_to_sparse(self) -> bool:
+        """Whether the gate is in a dense-to-sparse (soft) routing phase now, where the criterion
+        weights its balance loss by --moe-soft-gate-loss-wt: only the DTS gate has one."""
+        return False
+
     def reset_schedule(self) -> None:
         """Back to the schedule's start, as built (for weights that come from a dense model)."""
 

@@ -235,6 +235,34 @@ def test_spawn_reaches_the_fp32_master_copies(kind):
     assert (layer.gate.router.wg.weight.detach() - spawned["gate.router.wg.weight"]).float().abs().max() < 0.01
 
 
+@pytest.mark.parametrize("kind", ["flat", "per_param"])
+@pytest.mark.parametrize("mode", ["copy", "mask"])
+def test_a_half_precision_spawn_starts_from_the_fp32_master(kind, mode):
+    """Under --bf16/--fp16 the experts are spawned from the base expert's fp32 master, not from its
+    rounded model copy: `copy` leaves every master equal to the base's, `mask` keeps its values
+    where it keeps them, and the model's experts are the masters rounded."""
+    layer = diversify_layer().to(torch.bfloat16)
+    layer.train()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    opt = fp16_optimizer(kind, params)
+    for _ in range(3):
+        opt.zero_grad()
+        opt.backward(layer(torch.randn(8, M, dtype=torch.bfloat16)).float().pow(2).sum())
+        opt.step()
+    names = [n for n, _ in layer.named_parameters()]
+    masters = lambda: dict(zip(names, (c.master for c in stepped_copies(opt, params))))
+    base = {n: masters()[n][0].clone() for n in ("experts.fc1_weight", "experts.fc2_weight")}
+    assert not torch.equal(base["experts.fc1_weight"], layer.experts.fc1_weight[0].float())  # the master has more bits
+    spawn(layer, SpawnSettings(mode, 0.5, seed=1))
+    assert spawn_optimizer_state(layer, opt)
+    for name, want in base.items():
+        master, param = masters()[name], dict(layer.named_parameters())[name]
+        assert torch.equal(param.detach(), master.to(torch.bfloat16))
+        for e in range(E):
+            kept = master[e] != 0
+            assert torch.equal(master[e][kept], want[kept]) and (mode == "mask") == (kept.float().mean() < 0.7)
+
+
 def test_a_plain_tasks_own_spawn_is_undone_by_fp32_master_copies():
     """Why the check below exists. Under a plain task the layer spawns on its own (set_num_updates),
     into the model's weights only; fairseq's FP16Optimizer (--bf16, --fp16: here per parameter)

@@ -10,7 +10,8 @@ seeded by (--moe-seed, layer name, global expert id), so a spawn is reproducible
 depend on how experts are spread over workers.
 
 Optimizer state (see `spawn_optimizer_state`): the optimizer's own copy of the weights (fp32
-masters under --fp16/--bf16) gets the spawned ones; every spawned expert inherits the base expert's
+masters under --fp16/--bf16, where the experts are spawned from the base's fp32 master) gets the
+spawned ones; every spawned expert inherits the base expert's
 Adam moments (they are scaled for weights of this size, unlike zeros, which would make the first
 post-spawn steps ~sqrt(1/(1-beta2)) times too large); the gate's state is cleared, so the fresh gate
 starts with fresh moments and its own bias correction.
@@ -20,6 +21,7 @@ import logging
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Dict
 
 import torch
 
@@ -67,40 +69,55 @@ def spawn_weight(base: torch.Tensor, settings: SpawnSettings, gen: torch.Generat
 
 
 @torch.no_grad()
+def spawn_into(weights: Dict[str, torch.Tensor], layer: MoELayer, settings: SpawnSettings) -> None:
+    """Spawn, in place, the layer's experts held in `weights` ({name in EXPERT_PARAM_NAMES: [local
+    experts, ...]}: the parameters, or the optimizer's fp32 copies of them) from their slot 0."""
+    base = {name: w[0].clone() for name, w in weights.items()}
+    first_global = layer.placement.first_local_expert  # seeds follow global expert ids, whatever the placement
+    for e in range(layer.experts.num_experts):
+        gen = expert_generator(settings.seed, layer.layer_name, first_global + e)
+        weights["fc1_weight"][e].copy_(spawn_weight(base["fc1_weight"], settings, gen))
+        weights["fc2_weight"][e].copy_(spawn_weight(base["fc2_weight"], settings, gen))
+        weights["fc1_bias"][e].copy_(base["fc1_bias"])
+        weights["fc2_bias"][e].copy_(base["fc2_bias"])
+
+
+@torch.no_grad()
 def spawn_experts(layer: MoELayer, settings: SpawnSettings) -> None:
     """Turn the layer's base expert (local slot 0; every worker holds a copy) into its experts,
     and refresh the gate (same seed on every worker). The layer records the spawn itself
     (expert_diversify.DiversifyingMoELayer.spawn)."""
-    experts = layer.experts
-    base = {name: getattr(experts, name)[0].clone() for name in EXPERT_PARAM_NAMES}
-    first_global = layer.placement.first_local_expert  # seeds follow global expert ids, whatever the placement
-    for e in range(experts.num_experts):
-        gen = expert_generator(settings.seed, layer.layer_name, first_global + e)
-        experts.fc1_weight[e].copy_(spawn_weight(base["fc1_weight"], settings, gen))
-        experts.fc2_weight[e].copy_(spawn_weight(base["fc2_weight"], settings, gen))
-        experts.fc1_bias[e].copy_(base["fc1_bias"])
-        experts.fc2_bias[e].copy_(base["fc2_bias"])
+    spawn_into({name: getattr(layer.experts, name) for name in EXPERT_PARAM_NAMES}, layer, settings)
     router = getattr(layer.gate, "router", None)
     if router is not None:
         router.reset_parameters(generator=expert_generator(settings.seed, layer.layer_name, -1))
 
 
 def spawn_optimizer_state(layer: MoELayer, optimizer) -> bool:
-    """After `spawn_experts`: make the optimizer step from the spawned weights and the fresh gate,
-    give every spawned expert the base expert's moments, and restart the gate's.
+    """After a DiversifyingMoELayer's spawn (`spawn_experts` with its plan's settings): make the
+    optimizer step from the spawned weights and the fresh gate, give every spawned expert the base
+    expert's moments, and restart the gate's.
 
-    With fp32 master copies (FP16Optimizer) the spawned weights are copied into them, or the next
-    step would write the pre-spawn weights back into the model. The gate's state is dropped where it
-    has its own (fresh moments and bias correction); in a flat master copy its moments are zeroed
-    (the step count is shared). Returns False, changing nothing, for an unknown optimizer layout.
+    With fp32 master copies (FP16Optimizer) the experts are spawned again in them, from the base
+    expert's fp32 master (the same draws), and the model's half-precision experts are their
+    rounding, or the next step would write the pre-spawn weights back into the model; the fresh
+    gate is copied into its masters. The gate's state is dropped where it has its own (fresh moments
+    and bias correction); in a flat master copy its moments are zeroed (the step count is shared).
+    Returns False, changing nothing, for an unknown optimizer layout.
     """
-    experts, gate = list(layer.experts.parameters()), list(layer.gate.parameters())
+    experts = [getattr(layer.experts, name) for name in EXPERT_PARAM_NAMES]
+    gate = list(layer.gate.parameters())
     opt = torch_optimizer(optimizer)
     keep_local_slices(opt, experts)
     copies = stepped_copies(optimizer, experts + gate)
     if copies is None:
         return False
-    for p, c in zip(experts + gate, copies):
+    if any(c.master.data_ptr() != p.data_ptr() for p, c in zip(experts, copies)):
+        with torch.no_grad():
+            spawn_into({name: c.master for name, c in zip(EXPERT_PARAM_NAMES, copies)}, layer, layer.plan.spawn)
+            for p, c in zip(experts, copies):
+                p.data.copy_(c.master)
+    for p, c in zip(gate, copies[len(experts):]):
         if c.master.data_ptr() != p.data_ptr():
             c.master.copy_(p.data)
     for c in copies[: len(experts)]:

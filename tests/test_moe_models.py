@@ -59,6 +59,21 @@ def test_checkpoint_activations_keeps_the_balance_loss_and_skips_padding(gate):
         assert moe.gate.router.wg.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("gate", ["top1", "stablemoe"])
+def test_training_under_a_criterion_without_the_moe_losses_is_refused(gate):
+    """--criterion cross_entropy on an MoE model would train the routers without the balance loss
+    (StableMoE: its stage 2 would route by a table distilled from nothing): the first training
+    forward refuses, naming the option and the MoE criteria; evaluation of such a model runs."""
+    model, criterion, vocab = build_lm("--moe-gate", gate, "--criterion", "cross_entropy")
+    sample = lm_sample(vocab)
+    with pytest.raises(ValueError, match=r"--criterion cross_entropy .*choose one of: .*moe_cross_entropy.*moe_label_smoothed_cross_entropy"):
+        model(**sample["net_input"])
+    model.eval()
+    assert model(**sample["net_input"])[0].shape[:2] == (2, 8)
+    ok, _, _ = build_lm("--moe-gate", gate)  # moe_cross_entropy
+    ok(**sample["net_input"])
+
+
 def test_layer_skipped_by_layerdrop_reports_nothing():
     """A layer LayerDrop skips must not hand the criterion the losses of an earlier batch (whose
     graph is gone: the backward would fail)."""

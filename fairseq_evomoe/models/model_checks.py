@@ -60,7 +60,29 @@ def prepare_moe_args(args, task, architecture, stacks):
     return args
 
 
+def criterion_refusal(args) -> Optional[str]:
+    """Why the model must not train under the run's --criterion: it is a registered criterion that
+    does not add the MoE layers' losses (their routers would train without the balance loss, and
+    StableMoE's stage 2 would route by an untrained table). None for an MoE criterion, or where the
+    model's options do not name the criterion (fairseq-hydra-train)."""
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    from ..criterions.moe_loss import MoELossMixin
+
+    name = getattr(args, "criterion", None)
+    cls = CRITERION_REGISTRY.get(name) if isinstance(name, str) else None
+    if not isinstance(cls, type) or issubclass(cls, MoELossMixin):
+        return None
+    moe = sorted(n for n, c in CRITERION_REGISTRY.items() if isinstance(c, type) and issubclass(c, MoELossMixin))
+    return (f"--criterion {name} does not add the MoE layers' losses (balance loss, z-loss, StableMoE's distillation), "
+            f"so their routers would train without them; choose one of: {', '.join(moe)} (the same task losses plus "
+            "the MoE ones)")
+
+
 def check_model_against_task(args, task) -> None:
+    # read by the MoE layers, which refuse to train with it (generation and evaluation load
+    # checkpoints whatever criterion trained them)
+    args.moe_training_refused = criterion_refusal(args)
     validate_spawn_options(args)
     check_expert_parallel_options(args)
     diversify = resolve_updates(args.evomoe_diversify_updates, getattr(args, "max_update", 0) or 0, "--evomoe-diversify-updates")

@@ -81,8 +81,11 @@ def build_moe_layer(cfg, model_dim: int, dense_ffn_dim: int, dictionary) -> MoEL
     diversify_updates = resolve_updates(cfg.evomoe_diversify_updates, getattr(cfg, "max_update", 0) or 0, "--evomoe-diversify-updates")
     if diversify_updates > 0:
         plan = DiversifyPlan(diversify_updates, SpawnSettings.from_args(cfg), getattr(cfg, "evomoe_plain_task", None))
-        return DiversifyingMoELayer(gate, experts, plan, **layer_options)
-    return MoELayer(gate, experts, **layer_options)
+        layer = DiversifyingMoELayer(gate, experts, plan, **layer_options)
+    else:
+        layer = MoELayer(gate, experts, **layer_options)
+    layer.training_refused = getattr(cfg, "moe_training_refused", None)
+    return layer
 
 
 def distribute_experts(experts: ExpertFFNs, placement: ExpertPlacement) -> ExpertFFNs:

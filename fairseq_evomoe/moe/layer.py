@@ -65,6 +65,10 @@ class MoELayer(nn.Module):
         self.static_shapes: Optional[bool] = None
         self.num_updates = 0  # fairseq's update counter, pushed before each training step
         self.collect_stats = False
+        # why this layer must not train, e.g. a --criterion that adds none of the MoE losses (set by
+        # the model builder from the command line): training refuses at the first forward with it;
+        # evaluation and generation run
+        self.training_refused: Optional[str] = None
 
     @property
     def collect_stats(self) -> bool:
@@ -100,6 +104,8 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> Tensor:
         """x: [T, B, M] (fairseq's layout) or [S, M]; token_ids: [B, T] / [S] or None."""
+        if self.training and self.training_refused is not None:
+            raise ValueError(self.training_refused)
         if token_ids is None:
             token_ids = self.routing_tokens
         shape = x.shape

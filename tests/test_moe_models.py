@@ -74,6 +74,19 @@ def test_training_under_a_criterion_without_the_moe_losses_is_refused(gate):
     ok(**sample["net_input"])
 
 
+@pytest.mark.parametrize("gate", ["top1", "dts"])
+def test_fairseqs_nan_detector_runs_on_moe_models(gate):
+    """After a NaN gradient fairseq repeats the step under its NanDetector, which hooks every module
+    (backward hooks included); an MoE model must let it report, not fail on the gate's output."""
+    from fairseq.nan_detector import NanDetector
+
+    model, criterion, vocab = build_lm("--moe-gate", gate)
+    with NanDetector(model):
+        loss, _, _ = criterion(model, lm_sample(vocab))
+        loss.backward()
+    assert model.decoder.layers[1].moe.gate.router.wg.weight.grad is not None
+
+
 def test_layer_skipped_by_layerdrop_reports_nothing():
     """A layer LayerDrop skips must not hand the criterion the losses of an earlier batch (whose
     graph is gone: the backward would fail)."""

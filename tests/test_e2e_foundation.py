@@ -120,6 +120,8 @@ def test_bad_options_fail_before_training(mt_data, tmp_path):
         (dict(scale_fc=True), "--scale-fc"),
         (dict(moe_gate="nope"), "--moe-gate 'nope' is not a known gate; choose one of: base, dense_moe, dts,"),
         (dict(moe_freq=3), "--moe-freq 3 is larger than the 2 layers of the encoder"),
+        (dict(moe_capacity_factor=float("nan")), "--moe-capacity-factor must be a finite number, got nan"),
+        (dict(moe_eval_capacity_factor=float("inf")), "--moe-eval-capacity-factor must be a finite number, got inf"),
     ],
 )
 def test_option_validation_messages(overrides, message):
@@ -146,3 +148,9 @@ def test_model_checks_against_the_task():
     with pytest.raises(ValueError) as err:
         model_checks.check_model_against_task(moe_args(evomoe_diversify_updates=10, max_update=10), task)
     assert "--evomoe-diversify-updates (10) must be below --max-update (10)" in str(err.value)
+    for overrides, message in [(dict(evomoe_noise_scale=float("nan")), "--evomoe-noise-scale must be a finite number, got nan"),
+                               (dict(evomoe_mask_ratio=1.5), "--evomoe-mask-ratio must be in [0, 1), got 1.5"),
+                               (dict(evomoe_spawn_mode="clone"), "--evomoe-spawn-mode 'clone' is not valid; choose one of: mask, reinit")]:
+        with pytest.raises(ValueError) as err:
+            model_checks.check_model_against_task(moe_args(evomoe_diversify_updates=5, max_update=10, **overrides), task)
+        assert message in str(err.value)

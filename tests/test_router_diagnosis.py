@@ -272,6 +272,10 @@ def test_soft_phase_balance_weight_defaults_to_none():
 def test_soft_gate_loss_weight_must_be_valid():
     with pytest.raises(ValueError, match="--moe-soft-gate-loss-wt"):
         ToyCriterion(soft_wt=-0.5)
+    with pytest.raises(ValueError, match="--moe-gate-loss-wt must be a finite number, got nan"):
+        ToyCriterion(wt=float("nan"))
+    with pytest.raises(ValueError, match="--moe-soft-gate-loss-wt must be a finite number, got inf"):
+        ToyCriterion(soft_wt=float("inf"))
 
 
 @pytest.mark.parametrize("phase_update", [5, 12])

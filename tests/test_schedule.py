@@ -78,6 +78,9 @@ def test_from_args_defaults_hard_switch_to_end_of_annealing():
         (dict(dts_tau_min=0.0), "--dts-tau-min must be > 0"),
         (dict(evomoe_diversify_updates=1000), "--evomoe-diversify-updates \\(1000\\) must be below --max-update \\(1000\\)"),
         (dict(dts_tau_schedule="step"), "--dts-tau-schedule 'step' is not valid"),
+        (dict(dts_tau_max=float("nan")), "--dts-tau-max must be a finite number, got nan"),
+        (dict(dts_tau_min=float("nan")), "--dts-tau-min must be a finite number, got nan"),
+        (dict(dts_tau_max=float("inf")), "--dts-tau-max must be a finite number, got inf"),
     ],
 )
 def test_contradictory_settings_are_rejected(overrides, message):

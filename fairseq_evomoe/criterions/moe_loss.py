@@ -62,6 +62,7 @@ from omegaconf import II
 from fairseq import metrics, utils
 
 from ..moe.layer import MoELayer, moe_layers
+from ..option_values import require_finite
 
 COMBINE_METHODS = ("sum", "average")
 
@@ -99,6 +100,8 @@ class MoELossMixin:
             raise ValueError(
                 f"--moe-gate-loss-combine-method {moe_gate_loss_combine_method!r} is not valid; choose one of: {', '.join(COMBINE_METHODS)}"
             )
+        require_finite({"--moe-gate-loss-wt": moe_gate_loss_wt, "--moe-z-loss-wt": moe_z_loss_wt,
+                        "--moe-soft-gate-loss-wt": moe_soft_gate_loss_wt})
         if moe_gate_loss_wt < 0 or moe_z_loss_wt < 0:
             raise ValueError("--moe-gate-loss-wt and --moe-z-loss-wt must be >= 0")
         if moe_soft_gate_loss_wt < 0 and moe_soft_gate_loss_wt != -1:

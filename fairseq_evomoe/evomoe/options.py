@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from fairseq.dataclass import FairseqDataclass
 
 from ..moe.options import register_options
+from ..option_values import require_finite
 
 SPAWN_MODES = ("mask", "reinit", "noise", "copy")
 
@@ -35,5 +36,6 @@ def validate_spawn_options(args) -> None:
         raise ValueError(f"--evomoe-spawn-mode {args.evomoe_spawn_mode!r} is not valid; choose one of: {', '.join(SPAWN_MODES)}")
     if not 0 <= args.evomoe_mask_ratio < 1:
         raise ValueError(f"--evomoe-mask-ratio must be in [0, 1), got {args.evomoe_mask_ratio}")
+    require_finite({"--evomoe-noise-scale": args.evomoe_noise_scale})
     if args.evomoe_noise_scale < 0:
         raise ValueError(f"--evomoe-noise-scale must be >= 0, got {args.evomoe_noise_scale}")

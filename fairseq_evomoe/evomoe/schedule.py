@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Optional
 
+from ..option_values import require_finite
+
 TAU_SCHEDULES = ("linear", "exponential", "cosine")
 
 
@@ -103,6 +105,7 @@ class EvoMoESchedule:
     def validate(self, max_update: int = 0, allow_hard_start: bool = False) -> None:
         if self.tau_schedule not in TAU_SCHEDULES:
             raise ValueError(f"--dts-tau-schedule {self.tau_schedule!r} is not valid; choose one of: {', '.join(TAU_SCHEDULES)}")
+        require_finite({"--dts-tau-max": self.tau_max, "--dts-tau-min": self.tau_min, "--dts-anneal-updates": self.anneal_updates})
         if self.anneal_updates <= 0:
             raise ValueError(f"--dts-anneal-updates (D) must be > 0, got {self.anneal_updates}")
         if self.tau_min <= 0:

@@ -13,6 +13,7 @@ import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
+from ..option_values import require_finite
 from .dispatch import DROP_POLICIES
 from .experts import EXPERT_DTYPES
 from .gates.base import GATE_REGISTRY
@@ -113,6 +114,8 @@ def validate(args, stacks) -> None:
                 f"use 1..{layers}, or 0 for a dense model")
     if args.moe_gate not in GATE_REGISTRY:
         bad(f"--moe-gate {args.moe_gate!r} is not a known gate; choose one of: {', '.join(sorted(GATE_REGISTRY))}")
+    require_finite({"--moe-capacity-factor": args.moe_capacity_factor, "--moe-eval-capacity-factor": args.moe_eval_capacity_factor,
+                    "--moe-router-jitter": args.moe_router_jitter})
     if args.moe_capacity_factor < 0:
         bad(f"--moe-capacity-factor must be >= 0 (0 = dropless), got {args.moe_capacity_factor}")
     if args.moe_eval_capacity_factor < 0 and args.moe_eval_capacity_factor != -1:

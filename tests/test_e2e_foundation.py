@@ -154,3 +154,9 @@ def test_model_checks_against_the_task():
         with pytest.raises(ValueError) as err:
             model_checks.check_model_against_task(moe_args(evomoe_diversify_updates=5, max_update=10, **overrides), task)
         assert message in str(err.value)
+    with pytest.raises(ValueError) as err:
+        model_checks.check_model_against_task(moe_args(moe_gate="stablemoe", evomoe_diversify_updates=5, max_update=10,
+                                                       stablemoe_stage2_update=5), task)
+    assert "--stablemoe-stage2-update (5) is not after the expert spawn at update 5" in str(err.value)
+    model_checks.check_model_against_task(moe_args(moe_gate="stablemoe", evomoe_diversify_updates=5, max_update=10,
+                                                   stablemoe_stage2_update=6), task)

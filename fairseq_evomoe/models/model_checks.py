@@ -110,6 +110,13 @@ def check_model_against_task(args, task) -> None:
         raise ValueError(
             f"--evomoe-diversify-updates ({diversify}) must be below --max-update ({max_update}): the experts would never be spawned"
         )
+    stage2 = getattr(args, "stablemoe_stage2_update", -1)
+    if args.moe_gate == "stablemoe" and diversify > 0 and 0 <= stage2 <= diversify:
+        raise ValueError(
+            f"--stablemoe-stage2-update ({stage2}) is not after the expert spawn at update {diversify} "
+            "(--evomoe-diversify-updates): stage 1, which trains the router that stage 2's frozen table is distilled "
+            f"from, would never run; set --stablemoe-stage2-update above {diversify}, or -1 for no stage 2"
+        )
 
 
 def restored_checkpoint(args) -> Optional[str]:

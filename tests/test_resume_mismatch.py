@@ -82,8 +82,14 @@ FIX = "To load it, run with the checkpoint's values"
     (["--decoder-layers", "4"], ["--decoder-layers", "2"],
      ["--decoder-layers: the checkpoint has 4 decoder layers; this run asked for 2", "(--decoder-layers 4"]),
     (["--moe-expert-ffn-dim", "64"], ["--moe-expert-ffn-dim", "96"],
-     ["--moe-expert-ffn-dim: the checkpoint's experts have a hidden size of 64; this run asked for 96",
-      "(--moe-expert-ffn-dim 64)"]),
+     ["--moe-expert-ffn-dim (default: --decoder-ffn-embed-dim): the checkpoint's experts have a hidden size of 64; "
+      "this run asked for 96", "(--moe-expert-ffn-dim 64)"]),
+    # the expert size left at its default: the dense FFN size is the one to give back
+    (["--decoder-ffn-embed-dim", "64"], ["--decoder-ffn-embed-dim", "96"],
+     ["--decoder-ffn-embed-dim: the checkpoint's dense FFNs have a hidden size of 64; this run asked for 96",
+      "the checkpoint's experts have a hidden size of 64; this run asked for 96", "(--decoder-ffn-embed-dim 64)"]),
+    (["--decoder-ffn-embed-dim", "64", "--moe-expert-ffn-dim", "32"], ["--decoder-ffn-embed-dim", "96"],
+     ["(--decoder-ffn-embed-dim 64 --moe-expert-ffn-dim 32)"]),
     (["--moe-gate", "dts"], ["--arch", "transformer_lm_evomoe_tiny"],
      ["--evomoe-diversify-updates: the checkpoint's MoE layers have no expert-diversify phase",
       "this run asked for one", "(--evomoe-diversify-updates 0)"]),

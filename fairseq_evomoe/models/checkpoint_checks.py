@@ -68,6 +68,7 @@ class StackLayout:
     label: str  # "encoder" / "decoder"
     num_layers: int
     moe: Dict[int, MoEFFNState] = field(default_factory=dict)
+    dense_ffn_dim: Optional[int] = None  # the hidden size of its dense FFNs (None: it has none)
 
 
 class MoECheckpointChecksMixin:
@@ -117,6 +118,9 @@ def model_layout(stack: nn.Module, name: str) -> StackLayout:
     for i, layer in enumerate(stack.layers):
         moe = getattr(layer, "moe", None)
         if not isinstance(moe, MoELayer):
+            fc1 = getattr(getattr(layer, "fc1", None), "weight", None)
+            if isinstance(fc1, torch.Tensor) and fc1.dim() == 2:
+                layout.dense_ffn_dim = int(fc1.shape[0])
             continue
         diversify = isinstance(moe, DiversifyingMoELayer)
         layout.moe[i] = MoEFFNState(
@@ -134,7 +138,7 @@ def model_layout(stack: nn.Module, name: str) -> StackLayout:
 def checkpoint_layout(state_dict, layers_prefix: str, label: str) -> Optional[StackLayout]:
     """The MoE layout of one stack in a state dict (keys `<layers_prefix><i>.…`), or None if it
     has no key there."""
-    indices, moe = set(), {}
+    indices, moe, dense_ffn_dim = set(), {}, None
     for key, value in state_dict.items():
         if not key.startswith(layers_prefix):
             continue
@@ -142,6 +146,8 @@ def checkpoint_layout(state_dict, layers_prefix: str, label: str) -> Optional[St
         if not index.isdigit():
             continue
         indices.add(int(index))
+        if rest == "fc1.weight" and isinstance(value, torch.Tensor) and value.dim() == 2:
+            dense_ffn_dim = int(value.shape[0])
         if not rest.startswith("moe."):
             continue
         state = moe.setdefault(int(index), MoEFFNState())
@@ -154,7 +160,7 @@ def checkpoint_layout(state_dict, layers_prefix: str, label: str) -> Optional[St
             state.diversify = True
     if not indices:
         return None
-    return StackLayout(label, max(indices) + 1, moe)
+    return StackLayout(label, max(indices) + 1, moe, dense_ffn_dim)
 
 
 def compare(theirs: StackLayout, mine: StackLayout, strict: bool, findings: List[str], fixes: List[str]) -> None:
@@ -184,11 +190,18 @@ def compare(theirs: StackLayout, mine: StackLayout, strict: bool, findings: List
         findings.append(f"--moe-expert-count: the checkpoint has {values(e for e, _ in experts)} experts in each MoE "
                         f"layer; this run asked for {values(e for _, e in experts)}")
         fixes.append(f"--moe-expert-count {values(e for e, _ in experts)}")
+    dense = None not in (theirs.dense_ffn_dim, mine.dense_ffn_dim) and theirs.dense_ffn_dim != mine.dense_ffn_dim
+    if dense:
+        findings.append(f"--{stack}-ffn-embed-dim: the checkpoint's dense FFNs have a hidden size of "
+                        f"{theirs.dense_ffn_dim}; this run asked for {mine.dense_ffn_dim}")
+        fixes.append(f"--{stack}-ffn-embed-dim {theirs.dense_ffn_dim}")
     ffn = differing("ffn_dim")
     if ffn:
-        findings.append(f"--moe-expert-ffn-dim: the checkpoint's experts have a hidden size of "
-                        f"{values(f for f, _ in ffn)}; this run asked for {values(f for _, f in ffn)}")
-        fixes.append(f"--moe-expert-ffn-dim {values(f for f, _ in ffn)}")
+        findings.append(f"--moe-expert-ffn-dim (default: --{stack}-ffn-embed-dim): the checkpoint's experts have a "
+                        f"hidden size of {values(f for f, _ in ffn)}; this run asked for {values(f for _, f in ffn)}")
+        # where the dense FFNs' fix gives the experts their size too (--moe-expert-ffn-dim left at its default)
+        if not (dense and {f for f, _ in ffn} == {theirs.dense_ffn_dim}):
+            fixes.append(f"--moe-expert-ffn-dim {values(f for f, _ in ffn)}")
     if not strict:
         return
     gates = [(t, m) for t, m in pairs if gate_differs(t, m)]

@@ -90,6 +90,8 @@ FIX = "To load it, run with the checkpoint's values"
       "the checkpoint's experts have a hidden size of 64; this run asked for 96", "(--decoder-ffn-embed-dim 64)"]),
     (["--decoder-ffn-embed-dim", "64", "--moe-expert-ffn-dim", "32"], ["--decoder-ffn-embed-dim", "96"],
      ["(--decoder-ffn-embed-dim 64 --moe-expert-ffn-dim 32)"]),
+    (["--moe-gate", "stablemoe", "--stablemoe-distill-dim", "32"], ["--moe-gate", "stablemoe", "--stablemoe-distill-dim", "16"],
+     ["--stablemoe-distill-dim: the checkpoint's gates have 32; this run asked for 16", "(--stablemoe-distill-dim 32)"]),
     (["--moe-gate", "dts"], ["--arch", "transformer_lm_evomoe_tiny"],
      ["--evomoe-diversify-updates: the checkpoint's MoE layers have no expert-diversify phase",
       "this run asked for one", "(--evomoe-diversify-updates 0)"]),

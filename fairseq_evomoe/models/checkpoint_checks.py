@@ -57,6 +57,7 @@ class MoEFFNState:
     experts: Optional[int] = None  # E (all experts, whatever the world size)
     ffn_dim: Optional[int] = None
     gate_keys: FrozenSet[str] = frozenset()
+    gate_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     gate_buffers: FrozenSet[str] = frozenset()  # model side: state the gate may fill itself on load
     gate_name: Optional[str] = None  # model side
     diversify: bool = False
@@ -127,6 +128,7 @@ def model_layout(stack: nn.Module, name: str) -> StackLayout:
             experts=moe.num_experts,  # global E; under expert parallelism the local tensors hold E/W
             ffn_dim=moe.experts.fc1_weight.shape[1],
             gate_keys=frozenset(moe.gate.state_dict()),
+            gate_shapes={k: tuple(v.shape) for k, v in moe.gate.state_dict().items()},
             gate_buffers=frozenset(n for n, _ in moe.gate.named_buffers()),
             gate_name=moe.gate.name,
             diversify=diversify,
@@ -156,6 +158,8 @@ def checkpoint_layout(state_dict, layers_prefix: str, label: str) -> Optional[St
             state.experts, state.ffn_dim = int(value.shape[0]), int(value.shape[1])
         elif rest.startswith("gate."):
             state.gate_keys = state.gate_keys | {rest[len("gate."):]}
+            if isinstance(value, torch.Tensor):
+                state.gate_shapes[rest[len("gate."):]] = tuple(value.shape)
         elif rest == "spawned":
             state.diversify = True
     if not indices:
@@ -202,6 +206,13 @@ def compare(theirs: StackLayout, mine: StackLayout, strict: bool, findings: List
         # where the dense FFNs' fix gives the experts their size too (--moe-expert-ffn-dim left at its default)
         if not (dense and {f for f, _ in ffn} == {theirs.dense_ffn_dim}):
             fixes.append(f"--moe-expert-ffn-dim {values(f for f, _ in ffn)}")
+    for t, m in pairs[:1]:
+        spec = GATE_REGISTRY.get(m.gate_name)
+        for key, (option, dim) in (spec.cls.state_shape_options if spec else {}).items():
+            have, want = t.gate_shapes.get(key), m.gate_shapes.get(key)
+            if have is not None and want is not None and len(have) == len(want) and have[dim] != want[dim]:
+                findings.append(f"{option}: the checkpoint's gates have {have[dim]}; this run asked for {want[dim]}")
+                fixes.append(f"{option} {have[dim]}")
     if not strict:
         return
     gates = [(t, m) for t, m in pairs if gate_differs(t, m)]

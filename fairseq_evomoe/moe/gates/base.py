@@ -90,6 +90,10 @@ class Gate(nn.Module):
     # set it writes first, then older sets it still loads. models/checkpoint_checks.py tells which
     # gate a checkpoint was trained with by them; register_gate refuses a gate that declares none.
     state_keys: Tuple[FrozenSet[str], ...] = ()
+    # The gate's options that set the shape of its state: {state key: (option, dimension)}, so a
+    # checkpoint made with another value is refused naming the option (the router's shape follows
+    # the expert count and model size, which the check names already).
+    state_shape_options: Dict[str, Tuple[str, int]] = {}
 
     def __init__(self, model_dim: int, num_experts: int, args, dictionary=None):
         super().__init__()

@@ -60,6 +60,7 @@ class StableMoEOptions(FairseqDataclass):
 @register_gate("stablemoe", options=StableMoEOptions)
 class StableMoEGate(RouterGate):
     state_keys = (frozenset({"router.wg.weight", "distill_embed.weight", "distill_proj.weight", "frozen_table", "frozen"}),)
+    state_shape_options = {"distill_embed.weight": ("--stablemoe-distill-dim", 1)}
 
     def __init__(self, model_dim, num_experts, args, dictionary=None):
         super().__init__(model_dim, num_experts, args, dictionary)

@@ -126,9 +126,7 @@ def test_paper_translation_setting():
 
 @pytest.mark.parametrize("name, weight, combine", [
     ("wmt17_en_de", 0.0, "sum"),        # their translation scripts: --moe-gate-loss-wt 0, summed
-    ("tiny_mt", 0.0, "sum"),
     ("gpt_small", 0.01, "average"),     # their GPT runs: 0.01
-    ("tiny_lm", 0.01, "average"),
     ("roberta_base", 0.01, "average"),  # not published: the config's weight
 ])
 def test_authors_gate_sets_their_balance_loss(name, weight, combine):

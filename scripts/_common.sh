@@ -20,6 +20,25 @@ need_data_and_checkpoint() {
   [[ -f "$2" ]] || die "--checkpoint $2 does not exist"
 }
 
+# move_aside PATH: rename PATH to a sibling PATH.previous-<time> that does not exist yet (never delete
+# what an earlier run saved); prints the new name
+move_aside() {
+  local stamp dest n=1
+  stamp="$(date +%Y%m%d-%H%M%S)"
+  dest="$1.previous-$stamp"
+  while [[ -e "$dest" ]]; do n=$((n + 1)); dest="$1.previous-$stamp-$n"; done
+  mv "$1" "$dest"
+  echo "$dest"
+}
+
+# glue_task_info TASK: sets NUM_CLASSES, METRIC and PAIR of a GLUE task; exits with glue_data.py's
+# message for an unknown task (`eval "$(...)"` of a failed command would go on)
+glue_task_info() {
+  local info
+  info="$("$PY" "$SCRIPTS_DIR/glue_data.py" info --task "$1")" || exit 2
+  eval "$info"
+}
+
 need_int() { [[ "$2" =~ ^[0-9]+$ ]] || die "option $1 must be a non-negative integer, got '$2'"; }
 
 # default_data_dir: $EVOMOE_DATA, else ../shared/data next to the repository, else empty

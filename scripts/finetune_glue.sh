@@ -38,6 +38,7 @@ Options:
 Everything after -- goes to fairseq-train last, so it overrides any option above.
 
 Output: SAVE/checkpoint_best.pt (by dev accuracy; STS-B: dev loss), SAVE/train.log, SAVE/dev_metrics.json.
+An earlier fine-tune in SAVE is moved to SAVE.previous-<time>, never overwritten.
 USAGE
 }
 
@@ -59,7 +60,7 @@ while [[ $# -gt 0 ]]; do
     *) usage >&2; die "unknown option '$1' (fairseq-train options go after --)" ;;
   esac
 done
-eval "$("$PY" "$SCRIPTS_DIR/glue_data.py" info --task "$TASK")"  # NUM_CLASSES, METRIC, PAIR (or a clear error)
+glue_task_info "$TASK"  # NUM_CLASSES, METRIC, PAIR (or a clear error)
 [[ -f "$CKPT" ]] || die "CHECKPOINT $CKPT does not exist"
 DATA="${DATA:-data-bin/glue/$TASK-bin}"
 [[ -f "$DATA/input0/dict.txt" ]] || die "--data $DATA has no input0/dict.txt (prepare it with scripts/prepare_glue.sh --task $TASK)"
@@ -89,6 +90,11 @@ else
   DEVICE=(--fp16 --fp16-no-flatten-grads --fp16-init-scale 4 --threshold-loss-scale 1 --fp16-scale-window 128)
 fi
 
+# an earlier fine-tune's checkpoint_best.pt, dev_metrics.json and train.log would be overwritten or
+# appended to (fairseq's best-checkpoint tracking starts anew in each process): move them aside
+if [[ -d "$SAVE" && -n "$(ls -A "$SAVE")" ]]; then
+  echo "  an earlier fine-tune in $SAVE was moved to $(move_aside "$SAVE")" >&2
+fi
 mkdir -p "$SAVE"
 step "fine-tune $CKPT on $TASK (lr $LR, batch $BSZ, $UPDATES updates, warm-up $WARMUP) -> $SAVE"
 "$(fairseq_tool fairseq-train)" "$DATA" --user-dir "$USER_DIR" \

@@ -52,7 +52,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -n "$TASK" ]] || { usage >&2; die "--task is required"; }
-eval "$("$PY" "$SCRIPTS_DIR/glue_data.py" info --task "$TASK")"  # NUM_CLASSES, METRIC, PAIR (or a clear error)
+glue_task_info "$TASK"  # NUM_CLASSES, METRIC, PAIR (or a clear error)
 [[ -n "$DICT" ]] || die "--dict is required (dict.txt of the data the model was pre-trained on)"
 [[ -f "$DICT" ]] || die "--dict $DICT does not exist"
 [[ -n "$SPM" && ! -f "$SPM" ]] && die "--spm-model $SPM does not exist"

@@ -30,7 +30,8 @@ Options:
 Running it again is safe: the prepared data is reused only when it was made with the same
 --data-dir / --train-lines / --eval-lines (OUT/data/settings.txt), otherwise the old folder is moved
 to OUT/data.previous-<time> and the data prepared again; checkpoints of an earlier run are never
-deleted: OUT/checkpoints (with its train.log / train.out) is moved to OUT/checkpoints.previous-<time>.
+deleted: OUT/checkpoints (with its train.log, train.out, eval and plots) is moved to
+OUT/checkpoints.previous-<time>.
 USAGE
 }
 
@@ -57,16 +58,6 @@ DATA_DIR="$(cd "$DATA_DIR" && pwd)"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 T0=$(date +%s)
-STAMP="$(date +%Y%m%d-%H%M%S)"
-
-# move_aside PATH: rename PATH to a sibling PATH.previous-<time> that does not exist yet (never delete
-# what an earlier run saved); prints the new name
-move_aside() {
-  local dest="$1.previous-$STAMP" n=1
-  while [[ -e "$dest" ]]; do n=$((n + 1)); dest="$1.previous-$STAMP-$n"; done
-  mv "$1" "$dest"
-  echo "$dest"
-}
 
 # everything that decides the prepared data; the data folder is reused only when it matches
 DATA_SETTINGS="data_dir=$DATA_DIR
@@ -99,11 +90,11 @@ step "[2/4] train a tiny EvoMoE GPT for $UPDATES updates (spawn mode $SPAWN) -> 
 # fairseq-train would resume from (and overwrite) an earlier run's checkpoint: move it aside with its logs
 if [[ -d "$OUT/checkpoints" && -n "$(ls -A "$OUT/checkpoints")" ]]; then
   PREV="$(move_aside "$OUT/checkpoints")"
-  for f in train.log train.out; do
+  for f in train.log train.out eval plots; do
     if [[ -e "$OUT/$f" && ! -e "$PREV/$f" ]]; then mv "$OUT/$f" "$PREV/$f"
     elif [[ -e "$OUT/$f" ]]; then move_aside "$OUT/$f" >/dev/null; fi
   done
-  echo "  the earlier checkpoints (and their train.log / train.out) were moved to $PREV" >&2
+  echo "  the earlier checkpoints (and their train.log, train.out, eval and plots) were moved to $PREV" >&2
 fi
 rm -f "$OUT/train.log"  # the log of a run that saved no checkpoint (fairseq appends to --log-file)
 "$(fairseq_tool fairseq-train)" "$OUT/data/bin" --user-dir "$USER_DIR" \

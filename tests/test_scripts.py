@@ -100,6 +100,22 @@ def test_clear_errors_name_the_option(tmp_path):
     assert "--checkpoint is required" in sh("evaluate_lm.sh", "--data-bin", tmp_path, check=False).stderr
     err = sh("compare_gates.py", "--gates", "switch,nonsense", "--dry-run", check=False).stderr
     assert "unknown gate 'nonsense'" in err
+    for script, args in [("prepare_glue.sh", ["--task", "FOO", "--dict", tmp_path / "d", "--tsv-dir", tmp_path]),
+                         ("finetune_glue.sh", ["FOO", tmp_path / "ckpt"])]:
+        proc = sh(script, *args, check=False)  # stops at the task, not at a later step
+        assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+            "--task 'FOO' is not a GLUE task this script knows; choose one of: CoLA, SST-2, MRPC, QQP, STS-B, MNLI, QNLI, RTE"]
+
+
+def test_move_aside_keeps_what_an_earlier_run_saved(tmp_path):
+    """The scripts never overwrite an earlier run's folder: it is renamed next to itself, twice in the
+    same second included."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint_best.pt").write_text("earlier")
+    cmd = f'source "{SCRIPTS / "_common.sh"}"; move_aside "{tmp_path / "run"}"; mkdir "{tmp_path / "run"}"; move_aside "{tmp_path / "run"}"'
+    moved = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout.split()
+    assert len(set(moved)) == 2 and all(".previous-" in m for m in moved)
+    assert (Path(moved[0]) / "checkpoint_best.pt").read_text() == "earlier" and not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------- evaluation

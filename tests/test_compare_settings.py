@@ -109,3 +109,33 @@ def test_every_stored_run_is_reused_by_its_reports_command():
                     assert finished_result(a, task, gate, seed, data) is not None, f"{page}: {task} {gate} seed {seed} would be trained again"
                     checked += 1
     assert checked >= 111, checked  # the stored results when this test was written
+
+
+def test_a_variants_own_spawn_mode_and_schedule_are_kept_unless_asked_otherwise(tmp_path):
+    """--spawn-mode / --tau-schedule replace a gate config's only where given: a --gate-dir variant that
+    sets its own is trained with them, not with gate=evomoe's mask / linear."""
+    (tmp_path / "evomoe_reinit.yaml").write_text("defaults:\n  - evomoe\n  - _self_\n\nevomoe_spawn_mode: reinit\ndts_tau_schedule: cosine\n")
+
+    def chosen(**kw):
+        a = argparse.Namespace(**{"spawn_mode": None, "tau_schedule": None, **kw}, gate_dir=tmp_path)
+        args = gate_options_for(a, "evomoe_reinit", "lm")[1]
+        return args[args.index("--evomoe-spawn-mode") + 1], args[args.index("--dts-tau-schedule") + 1]
+
+    assert chosen() == ("reinit", "cosine")
+    assert chosen(spawn_mode="copy", tau_schedule="linear") == ("copy", "linear")
+
+
+def test_harness_options_are_checked(capsys):
+    import pytest
+
+    from compare.cli import parse_args
+
+    for argv, message in [(["--seeds", "1,2,1"], "--seeds names 1 more than once"),
+                          (["--gates", "switch,hash,switch"], "--gates names switch more than once"),
+                          (["--spm-vocab", "0"], "--spm-vocab must be >= 1"),
+                          (["--experts", "0"], "--experts must be >= 1"),
+                          (["--lr", "nan"], "--lr must be a positive number"),
+                          (["--train-lines", "100", "--eval-lines", "0"], "--eval-lines must be >= 1 with --train-lines")]:
+        with pytest.raises(SystemExit):
+            parse_args(argv, "test")
+        assert message in capsys.readouterr().err, argv

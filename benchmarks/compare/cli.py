@@ -28,9 +28,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--balance-wt", type=float, default=0.01, help="balance-loss weight for every gate (default 0.01)")
     p.add_argument("--validations", type=int, default=6, help="validations per run (default 6)")
     p.add_argument("--max-valid-steps", type=int, default=10, help="batches per intermediate validation (default 10)")
-    p.add_argument("--spawn-mode", default="mask", choices=["mask", "reinit", "noise", "copy"], help="EvoMoE spawn mode")
-    p.add_argument("--tau-schedule", default="linear", choices=["linear", "exponential", "cosine"],
-                   help="EvoMoE temperature schedule")
+    p.add_argument("--spawn-mode", default=None, choices=["mask", "reinit", "noise", "copy"],
+                   help="EvoMoE spawn mode of every EvoMoE gate (default: each gate config's; gate=evomoe: mask)")
+    p.add_argument("--tau-schedule", default=None, choices=["linear", "exponential", "cosine"],
+                   help="EvoMoE temperature schedule of every EvoMoE gate (default: each gate config's; gate=evomoe: linear)")
     p.add_argument("--spm-vocab", type=int, default=4000, help="sentencepiece vocabulary of both corpora (default 4000)")
     p.add_argument("--train-lines", type=int, default=0, help="use only the first N training lines/pairs of each "
                    "corpus (smoke tests; default: all)")
@@ -81,8 +82,24 @@ def parse_args(argv: Optional[List[str]], description: str) -> argparse.Namespac
                     f"{f' or a config in {a.gate_dir}' if a.gate_dir else ''}")
     if not a.tasks or not a.gates or not a.seeds:
         p.error("--tasks, --gates and --seeds must each name at least one value")
+    for name, values in (("--tasks", a.tasks), ("--gates", a.gates), ("--seeds", a.seeds)):
+        twice = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if twice:
+            p.error(f"{name} names {', '.join(map(str, twice))} more than once (each run is trained and counted once)")
     if a.updates < 10:
         p.error(f"--updates must be at least 10, got {a.updates}")
+    for name, value in (("--experts", a.experts), ("--max-tokens", a.max_tokens), ("--tokens-per-sample", a.tokens_per_sample),
+                        ("--spm-vocab", a.spm_vocab)):
+        if value < 1:
+            p.error(f"{name} must be >= 1, got {value}" + (" (the harness tokenizes with sentencepiece)" if name == "--spm-vocab" else ""))
+    if not (0 < a.lr < float("inf")):
+        p.error(f"--lr must be a positive number, got {a.lr}")
+    if not (0 <= a.balance_wt < float("inf")):
+        p.error(f"--balance-wt must be a number >= 0, got {a.balance_wt}")
+    if a.threads < 0 or a.train_lines < 0:
+        p.error("--threads and --train-lines must be >= 0 (0: all cores / all lines)")
+    if a.train_lines and a.eval_lines < 1:
+        p.error(f"--eval-lines must be >= 1 with --train-lines, got {a.eval_lines}")
     if a.jobs < 1:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
     if a.validations < 1 or a.max_valid_steps < 1:

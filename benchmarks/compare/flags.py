@@ -147,10 +147,11 @@ def gate_options(gate: str, task: str, extra_dir: Optional[Path] = None) -> Tupl
 
 
 def gate_options_for(a: argparse.Namespace, gate: str, task: str) -> Tuple[str, List[str]]:
-    """gate_options with this invocation's EvoMoE choices (--spawn-mode, --tau-schedule) filled in."""
+    """gate_options with this invocation's EvoMoE choices (--spawn-mode, --tau-schedule), where given,
+    in place of the gate config's."""
     task_name, args = gate_options(gate, task, getattr(a, "gate_dir", None))
     for flag, val in (("--evomoe-spawn-mode", a.spawn_mode), ("--dts-tau-schedule", a.tau_schedule)):
-        if flag in args:
+        if val is not None and flag in args:
             args[args.index(flag) + 1] = val
     if is_dts(args):
         args += [x for flag, val in DTS_DEFAULTS.items() if flag not in args for x in (flag, val)]

@@ -11,6 +11,7 @@ from typing import List, Optional, Sequence
 
 from plot_routing import _plt, make_plots, parse_log
 
+from . import REPO
 from .efficiency import per_seed_costs, verdict
 from .flags import SIZES, stablemoe_stage2_update, validation_interval, warmup_updates
 from .run_store import run_dir
@@ -52,6 +53,12 @@ def summary_lines(rows: List[dict], gates: List[str], mkey: str, higher_is_bette
     return out
 
 
+def repo_relative(path) -> str:
+    """A path as the report shows it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
 def setting_lines(a: argparse.Namespace, cmdline: str) -> List[str]:
     """The report's title, command and "Setting" section: what was trained, on what, and how."""
     lines = [
@@ -83,8 +90,10 @@ def setting_lines(a: argparse.Namespace, cmdline: str) -> List[str]:
         "that seed's Switch run's final validation loss; `–` = not reached). \"x Switch's updates\" divides that "
         "by Switch's updates; \"expert compute there\" is the run's cumulative `moe_expert_compute` (kept "
         "token-expert assignments over all MoE layers) at that update, over the Switch run's total.",
-        "- Gate settings: `configs/gate/<gate>.yaml` (identical to the Hydra configs). EvoMoE: spawn mode "
-        f"`{a.spawn_mode}`, temperature schedule `{a.tau_schedule}` 2.0 -> 0.5, expert-diversify for the first 10% "
+        "- Gate settings: `configs/gate/<gate>.yaml` (identical to the Hydra configs)"
+        f"{f', or `<gate>.yaml` in `{repo_relative(a.gate_dir)}` for the gates there' if getattr(a, 'gate_dir', None) else ''}. "
+        f"EvoMoE (`gate=evomoe`): spawn mode `{a.spawn_mode or 'mask'}`, temperature schedule "
+        f"`{a.tau_schedule or 'linear'}` 2.0 -> 0.5, expert-diversify for the first 10% "
         "of the updates, annealing over the next 50%, top-1 from 60% on (fractions of --max-update). "
         f"StableMoE: stage 2 from update {stablemoe_stage2_update(a.updates)}.",
         "- Mean experts per token: average over training log intervals (EvoMoE's diversify phase counts 1, "

@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.draws < 1:
         p.error(f"--draws must be >= 1, got {a.draws}")
+    if a.max_batches < 0 or a.max_tokens < 1:
+        p.error(f"--max-batches must be >= 0 (0: all) and --max-tokens >= 1, got {a.max_batches} and {a.max_tokens}")
     if not Path(a.path).is_file():
         p.error(f"--path {a.path}: no such checkpoint")
     if not Path(a.data).is_dir():

@@ -266,6 +266,8 @@ def main(argv=None):
         if not path.is_file():
             p.error(f"{kind} {spec}: log file {path} does not exist")
         name = name or path.parent.name or path.stem
+        if name in runs:
+            p.error(f"{kind} {spec}: a run is already named {name!r} (name each one: --run NAME=LOG)")
         log = parse_log(path)
         if not log["train"] and not log["valid"]:
             p.error(f"{kind} {spec}: no JSON training records in {path} (train with --log-format json)")

@@ -206,6 +206,8 @@ def test_plot_routing_on_real_log(comparison, tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
     bad = sh("plot_routing.py", "--run", f"x={tmp_path / 'nope.log'}", "--out-dir", tmp_path, check=False)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+    twice = sh("plot_routing.py", f"x={log}", "--run", f"x={log}", "--out-dir", tmp_path, check=False)
+    assert twice.returncode != 0 and "a run is already named 'x'" in twice.stderr
 
 
 # ------------------------------------------------------------------ reruns, settings, paths (fast; stubbed tools)

@@ -191,12 +191,14 @@ def table_lines(a: argparse.Namespace, task: str, rows: List[dict]) -> List[str]
 
 
 def plot_lines(a: argparse.Namespace, task: str, rows: List[dict], plot_dir: Path, res_path: Path) -> List[str]:
-    """Plots of the first seed of every gate that has a training log, as image links relative to the report."""
+    """Plots of the first seed of every gate whose run of that seed is in the report (finished with these
+    settings), as image links relative to the report."""
     first = a.seeds[0]
+    reported = {r["gate"] for r in rows if r["seed"] == first}
     runs = {}
     for gate in a.gates:
         p = run_dir(a, task, gate, first) / "train.log"
-        if p.is_file():
+        if gate in reported and p.is_file():
             runs[gate] = parse_log(p)
     if not runs:
         return []

@@ -26,7 +26,7 @@ from code_version import commit  # noqa: E402
 
 def data_bin(store: Path, data: dict) -> Path:
     """The binarized folder the store prepared for a run's data settings."""
-    keys = ("corpus", "spm_vocab", "train_lines", "eval_lines")
+    keys = ("corpus", "script", "data_dir", "spm_vocab", "train_lines", "eval_lines")
     for settings_file in sorted((store / "data").glob("*/settings.json")):
         prepared = json.loads(settings_file.read_text())
         if prepared.get("complete") and all(prepared["settings"].get(k) == data.get(k) for k in keys):

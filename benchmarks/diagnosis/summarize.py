@@ -72,11 +72,14 @@ def mean_std(values, digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def phases(router: dict) -> tuple:
+def phases(router: dict, gate: str) -> tuple:
     """(soft-phase stats, hard-phase stats) of an EvoMoE run; (None, whole-run stats) of another gate
-    (whose lines all log phase 1)."""
-    if "2" in router:
-        return router.get("1"), router["2"]
+    whose lines all log one phase; (None, None) of one that logs stages under the same key
+    (StableMoE), whose per-stage means cannot be pooled into a whole run's here."""
+    if gate.startswith("evomoe"):
+        return router.get("1"), router.get("2")
+    if len(router) > 1:
+        return None, None
     return None, router.get("1") or router.get("all")
 
 
@@ -87,7 +90,7 @@ def table(rows: dict, task: str = "lm") -> str:
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for gate, runs in rows.items():
         def stat(which, name):
-            return mean_std([(phases(r["router"])[which] or {}).get(name) for r in runs])
+            return mean_std([(phases(r["router"], gate)[which] or {}).get(name) for r in runs])
         metric = mean_std([r["metric"] for r in runs], 2)
         if task == "lm":
             metric += f" | {mean_std([r['test_ppl'] for r in runs], 2)}"

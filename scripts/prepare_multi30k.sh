@@ -88,5 +88,5 @@ grep -E "\] (Dictionary|.*sents)" "$OUT/preprocess.log" | sed 's/.*preprocess[^[
 
 echo "Multi30k $SRC->$TGT ready:"
 echo "  binary data      $OUT/bin   (fairseq-train $OUT/bin --task translation -s $SRC -t $TGT ...)"
-echo "  sentencepiece    $OUT/spm.model"
+[[ "$VOCAB" -gt 0 ]] && echo "  sentencepiece    $OUT/spm.model"
 echo "  raw references   $OUT/raw/{valid,test}.$TGT"

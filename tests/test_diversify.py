@@ -306,7 +306,7 @@ def test_a_plain_task_refuses_to_train_half_precision_weights_towards_its_own_sp
             drives_evomoe_phases = evomoe_task  # what the evomoe_* tasks declare
 
         argv = ["/nonexistent", "--task", "language_modeling", "--arch", "transformer_lm_evomoe_tiny",
-                "--max-update", "100", "--fp16"]
+                "--criterion", "moe_cross_entropy", "--max-update", "100", "--fp16"]
         args = options.parse_args_and_arch(options.get_training_parser(), argv)
         torch.manual_seed(0)
         return ARCH_MODEL_REGISTRY[args.arch].build_model(args, Task())

@@ -149,10 +149,7 @@ class MoELayer(nn.Module):
         """The mixture on the tokens x [S, M] (token_ids [S] or None); valid [S] marks the real ones
         (None: all are), the others output 0."""
         # (valid only where padding stays in place: a gate written for token ids alone still runs on the CPU)
-        # gate.forward, not gate(...): its output is a Routing, which torch's module backward hooks
-        # (fairseq's NanDetector, after a NaN gradient) cannot walk; its router's hooks still run
-        route = self.gate.forward
-        routing = route(x, token_ids) if valid is None else route(x, token_ids, valid=valid)
+        routing = self.gate(x, token_ids) if valid is None else self.gate(x, token_ids, valid=valid)
         plan = self.dispatch_plan(routing, x.shape[0], valid)
         tokens = routing.token_idx[plan.order]
         # index_select, not x[tokens]: its backward accumulates repeated tokens deterministically on CPU

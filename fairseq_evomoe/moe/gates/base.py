@@ -70,6 +70,14 @@ class Routing:
     valid: Optional[Tensor] = None
     max_per_expert: Optional[int] = None
 
+    def __getitem__(self, index: int) -> Tensor:
+        """routing[0]: the combine weights. torch's module backward hooks (fairseq's NanDetector, run
+        after a NaN gradient) find a module's output tensor as output[0]; a gate's output answers
+        with its differentiable one."""
+        if index != 0:
+            raise IndexError("a Routing has only routing[0] (its combine weights); use its fields")
+        return self.weight
+
 
 class Gate(nn.Module):
     """Base class: `forward(x, token_ids) -> Routing` for x of shape [S, model_dim].

@@ -42,7 +42,14 @@ def _check_fp16_masters(rank, world):
     want = utils.clip_grad_norm_(full, 0.0)  # one process, every expert counted
     with pytest.raises(ValueError, match="needs --fp16-no-flatten-grads"):  # fairseq's flat copy (hydra's path)
         FP16Optimizer.build_fp32_params(None, mine, flatten=True)
+    # fairseq builds the optimizer, masters included, before the first forward: the parameters carry
+    # no copy count yet (each forward sets it, parallel/exchange.py), and the masters must follow it
+    copies = {id(p): p.__dict__.pop("expert_grad_copies") for p in mine if "expert_grad_copies" in p.__dict__}
+    assert copies
     masters = FP16Optimizer.build_fp32_params(None, mine, flatten=False)
+    for p in mine:
+        if id(p) in copies:
+            p.expert_grad_copies = copies[id(p)]  # what the forward sets
     for p, p32 in zip(mine, masters):
         p32.grad.copy_(p.grad)
     torch.testing.assert_close(utils.clip_grad_norm_(masters, 0.0), want, atol=1e-5, rtol=1e-5)
@@ -210,7 +217,7 @@ def test_cli_fp16_two_workers_agree_match_one_process_and_resume_without_reset(m
     loss1, gnorm1, _ = _curve(p1.stdout + p1.stderr)
     assert len(loss1) == 4 and loss2[:4] == pytest.approx(loss1, abs=1e-2), (loss2, loss1)
     # every worker's norm passed fairseq's consistency check; they equal one process's (fp16 rounding)
-    assert gnorm2[:4] == pytest.approx(gnorm1, rel=2e-2), (gnorm2, gnorm1)
+    assert gnorm2[:4] == pytest.approx(gnorm1, rel=2e-3), (gnorm2, gnorm1)
 
     # the checkpoint holds the fp32 masters' Adam moments of every expert, as one process has them
     (o2, n2), (o1, n1) = _optimizer_state(two / "checkpoint_last.pt"), _optimizer_state(one / "checkpoint_last.pt")

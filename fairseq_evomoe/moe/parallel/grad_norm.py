@@ -26,15 +26,21 @@ import torch
 import torch.distributed as dist
 
 
+def grad_copies(p) -> Optional[int]:
+    """How many workers hold an identical copy of p's gradient (None: p is no expert-parallel
+    weight); for an fp32 master copy, its parameter's (mixed_precision.py), set by each forward."""
+    return getattr(getattr(p, "master_of", p), "expert_grad_copies", None)
+
+
 def expert_grad_sq_norm(params) -> Optional[torch.Tensor]:
     """Sum over all workers of the squared expert-gradient norms, each expert counted once (a
     collective). None when no expert-parallel parameter has a gradient."""
-    experts = [p for p in params if p.grad is not None and getattr(p, "expert_grad_copies", None)]
+    experts = [(p, grad_copies(p)) for p in params if p.grad is not None and grad_copies(p)]
     if not experts:
         return None
-    sq = torch.zeros((), dtype=torch.float32, device=experts[0].grad.device)
-    for p in experts:
-        sq += p.grad.detach().float().pow(2).sum() / p.expert_grad_copies
+    sq = torch.zeros((), dtype=torch.float32, device=experts[0][0].grad.device)
+    for p, copies in experts:
+        sq += p.grad.detach().float().pow(2).sum() / copies
     dist.all_reduce(sq)
     return sq
 

@@ -3,9 +3,11 @@
 --bf16, and --fp16 with --fp16-no-flatten-grads (FP16Optimizer): the optimizer steps fp32 master copies
 of the parameters. fairseq copies a parameter's `expert` tag to its master but not what expert
 parallelism needs, so the gradient norm would leave the experts out and checkpoints would hold each
-worker's own experts only. `copying_expert_tags` copies `expert_grad_copies` (grad_norm.py) and
-`expert_parallel` (optimizer_state.py) to the masters as well: the norm counts every expert once and
-the saved optimizer state is complete. With fairseq's flat master copy (the default) the experts are
+worker's own experts only. `copying_expert_tags` copies `expert_parallel` (optimizer_state.py) to
+the masters and links each expert master to its parameter (`master_of`), whose
+`expert_grad_copies` (grad_norm.py) each forward sets (fairseq builds the optimizer before the
+first forward, and the count changes at an EvoMoE spawn): the norm counts every expert once and the
+saved optimizer state is complete. With fairseq's flat master copy (the default) the experts are
 mixed into one tensor per worker; plain --fp16 is refused before training (models/model_checks.py).
 
 --amp (AMPOptimizer): torch's GradScaler skips a step when the gradients it unscaled hold an inf or a
@@ -26,8 +28,9 @@ FLAT_FP16_REFUSED = (
     "(the same arithmetic, one fp32 copy per parameter) or use --memory-efficient-fp16"
 )
 
-# attributes a master copy must share with its parameter under expert parallelism
-EXPERT_PARALLEL_TAGS = ("expert_grad_copies", "expert_parallel")
+# attributes a master copy must share with its parameter under expert parallelism (set when the
+# experts are sharded, before the optimizer exists)
+EXPERT_PARALLEL_TAGS = ("expert_parallel",)
 
 
 def copying_expert_tags(build_fp32_params):
@@ -45,6 +48,8 @@ def copying_expert_tags(build_fp32_params):
                 for tag in EXPERT_PARALLEL_TAGS:
                     if hasattr(p, tag):
                         setattr(p32, tag, getattr(p, tag))
+                if hasattr(p, "expert_parallel"):
+                    p32.master_of = p  # its expert_grad_copies, as the last forward set it
         return masters
 
     build.copies_expert_tags = True

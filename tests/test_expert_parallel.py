@@ -68,11 +68,14 @@ def _tokens(sizes, dim, seed):
     return [torch.randn(n, dim, generator=g) for n in sizes], [torch.randn(n, dim, generator=g) for n in sizes]
 
 
-def _check_case(rank, world, gate, num_experts, sizes, seed):
+def _check_case(rank, world, gate, num_experts, sizes, seed, all_to_expert_0=False):
     from fairseq_evomoe.moe.parallel.checkpoint import gather_experts
 
     ref, layer, par = _layer_pair(gate, num_experts, world, rank)
     xs, gs = _tokens(sizes, 8, seed)
+    if all_to_expert_0:  # (top-1, 2 experts) each token turned to where expert 0 wins: worker 1 receives no row
+        w = ref.gate.router.wg.weight.detach()
+        xs = [torch.where((x @ (w[0] - w[1]) > 0)[:, None], x, -x) for x in xs]
 
     # reference: every worker's tokens through all experts in one layer (dropless routing is per token)
     x_all = torch.cat(xs).requires_grad_(True)
@@ -188,7 +191,8 @@ def test_expert_parallel_layer_matches_single_process():
         ("top1", 1, [11, 7], 4),  # replicated: both workers hold expert 0
         ("top2", 4, [5, 0], 5),  # worker 1 has no token at all; some experts get none
         ("top1", 8, [3, 2], 6),  # most experts get no token
-    ]) + [("E=3 on 2 workers", _check_bad_placement)])
+    ]) + [("every token to worker 0's expert", _check_case, "top1", 2, [9, 7], 7, True),
+          ("E=3 on 2 workers", _check_bad_placement)])
 
 
 def test_expert_parallel_gradient_norm_and_optimizer_state():

@@ -56,9 +56,10 @@ def _host(counts: Counts) -> List[int]:
 
 
 def _without_rows(x: Tensor, params: Sequence[Tensor]) -> Tensor:
-    """Zeros of x's shape for rows that no expert computes, with every parameter in the graph so
-    that gradients exist (zeros)."""
-    return x.new_zeros(x.shape) + 0.0 * sum(p.sum() for p in params).to(x.dtype)
+    """Zeros of x's shape for rows that no expert computes, with every parameter, and x itself, in
+    the graph so that gradients exist (zeros): under expert parallelism x is what this worker
+    received, and its backward is the exchange's, which every worker must take part in."""
+    return x.new_zeros(x.shape) + 0.0 * (sum(p.sum() for p in params).to(x.dtype) + x.sum())
 
 
 class ExpertFFNs(nn.Module):

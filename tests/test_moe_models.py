@@ -108,6 +108,7 @@ def test_layer_skipped_by_layerdrop_reports_nothing():
     ("decoder_layerdrop", 0.2, "--decoder-layerdrop 0.2 cannot be used with expert parallelism over 2 workers"),
     ("encoder_layerdrop", 0.1, "--encoder-layerdrop 0.1 cannot be used with expert parallelism over 2 workers"),
     ("optimizer", "adafactor", "--optimizer adafactor cannot be used with expert parallelism over 2 workers"),
+    ("eval_bleu", True, "--eval-bleu cannot be used with expert parallelism over 2 workers"),
 ])
 def test_options_that_cannot_work_with_expert_parallelism_are_refused(monkeypatch, option, value, message):
     """LayerDrop would leave workers waiting in each other's all_to_all (each draws its own drops);

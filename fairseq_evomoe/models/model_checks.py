@@ -159,6 +159,13 @@ def check_expert_parallel_options(args) -> None:
                 "(each worker draws its own layers to drop, and one that skips an MoE layer leaves the others "
                 "waiting in its all_to_all); use 0, or train on one worker"
             )
+    if getattr(args, "eval_bleu", False):
+        raise ValueError(
+            f"--eval-bleu cannot be used with expert parallelism over {world[0]} workers (each worker generates its "
+            "own validation sentences, for its own number of decoder steps, and one that finishes first leaves the "
+            "others waiting in their MoE layers' all_to_all); validate without it, and score a checkpoint with "
+            "fairseq-generate on one worker"
+        )
     if getattr(args, "ddp_backend", None) == "fully_sharded":
         check_fully_sharded(world[0])
     flat_fp16 = (getattr(args, "fp16", False) and not getattr(args, "bf16", False)  # --bf16 is never flat

@@ -98,17 +98,21 @@ def exchange_and_run(placement: ExpertPlacement, experts, x: Tensor, counts: Ten
 
     x = x[: sum(in_splits)]  # the grouped rows
     recv = all_to_all(x, out_splits, in_splits, placement.group)  # grouped by (source, local expert)
-    local_ids = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_counts.reshape(-1).to(x.device))
+    # output_size and the device copy of the local counts: no further host read (repeat_interleave
+    # would read its total, and a list of counts would be copied to the device)
+    local_ids = torch.arange(L, device=x.device).repeat(W).repeat_interleave(
+        recv_counts.reshape(-1).to(x.device), output_size=sum(out_splits))
     order = torch.argsort(local_ids, stable=True)  # -> grouped by local expert
-    y_sorted = local_forward(placement, experts, recv[order], local_counts)
+    y_sorted = local_forward(placement, experts, recv[order], recv_counts.sum(0).to(x.device), max(local_counts, default=0))
     y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to (source, local expert)
     return all_to_all(y, in_splits, out_splits, placement.group)
 
 
-def local_forward(placement: ExpertPlacement, experts, x: Tensor, counts: Sequence[int]) -> Tensor:
-    """The local experts on their groups of x, on the same compute path as in one process. All
-    their parameters enter the autograd graph even when a group (or x) has no rows, so the graph,
-    and with it the order of collectives in backward, is the same on all ranks."""
+def local_forward(placement: ExpertPlacement, experts, x: Tensor, counts: Tensor, max_rows: int) -> Tensor:
+    """The local experts on their groups of x (counts [L] on x's device; max_rows: the largest, read
+    on the host already), on the same compute path as in one process. All their parameters enter
+    the autograd graph even when a group (or x) has no rows, so the graph, and with it the order of
+    collectives in backward, is the same on all ranks."""
     reduce = placement.num_replicas > 1
     params = _wrapped_params(experts, placement, placement.replica_group, reduce, placement.num_replicas)
-    return experts(x, list(counts), params=params)
+    return experts(x, counts, params=params, max_rows=max(max_rows, 1))

@@ -118,6 +118,11 @@ def _check_case(rank, world, gate, num_experts, sizes, seed, all_to_expert_0=Fal
     if rank == 0:
         with pytest.raises(RuntimeError, match="gathered on rank 0"):
             layer.state_dict()
+    gather_experts(layer)
+    layer.experts.fc2_bias.data.add_(1.0)  # as fairseq's optimizers step: through .data, no version change
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="gathered on rank 0"):
+            layer.state_dict()
     full_sd = {f"experts.{k}": v for k, v in ref.experts.state_dict().items()}
     full_sd.update({f"gate.{k}": v for k, v in ref.gate.state_dict().items()})
     layer.load_state_dict(full_sd)

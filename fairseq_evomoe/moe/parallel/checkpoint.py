@@ -15,8 +15,9 @@ evaluation (`model.eval()`, which fairseq's `valid_step` calls on every rank, in
 rank 0 keeps a CPU copy of all experts from that moment. fairseq validates before every save
 unless validation is disabled or postponed (`--disable-validation`, `--validate-after-updates`,
 a `--validate-interval` that does not divide `--save-interval`); the state_dict hook checks that
-the copy is current (the local expert weights have not changed since, by tensor version) and
-raises a clear error instead of writing a checkpoint with stale or missing experts.
+the copy is current (rank 0's own expert weights have not changed since: their tensor versions,
+and their values, since fairseq's optimizers write through `p.data`) and raises a clear error
+instead of writing a checkpoint with stale or missing experts.
 
 Atomic save: fairseq's `checkpoint_utils.torch_persistent_save` writes `<file>.tmp` and renames it
 over `<file>` (for local paths; PathManager.supports_rename), and the additional names
@@ -56,12 +57,20 @@ def _local_versions(experts) -> tuple:
     return tuple((id(getattr(experts, n)), getattr(experts, n)._version) for n in EXPERT_PARAM_NAMES)
 
 
+def _snapshot_holds_local(experts, snap: dict, par: ExpertPlacement) -> bool:
+    """Whether rank 0's own experts still equal their rows of the gathered copy. (Tensor versions
+    alone miss fairseq's optimizers, which write through `p.data`; one device-to-host copy of the
+    local experts per save.)"""
+    rows = list(par.local_experts)
+    return all(torch.equal(getattr(experts, n).detach().cpu(), snap["tensors"][n][rows]) for n in EXPERT_PARAM_NAMES)
+
+
 def _save_full_experts(experts, state_dict, prefix, local_metadata) -> None:
     par = _placement(experts)
     if par is None:
         return
     snap = experts._expert_snapshot
-    if snap is None or snap["versions"] != _local_versions(experts):
+    if snap is None or snap["versions"] != _local_versions(experts) or not _snapshot_holds_local(experts, snap, par):
         raise RuntimeError(
             f"cannot save the experts of {prefix.rstrip('.')}: with expert parallelism over {par.world_size} workers "
             "the full expert tensors are gathered on rank 0 when the model switches to evaluation (validation), "

@@ -254,6 +254,15 @@ def test_a_dense_checkpoint_upcycles_into_the_moe_model():
     real = sample["net_input"]["src_tokens"] != vocab.pad()  # an MoE layer outputs 0 at padding
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
 
+    # stock transformer_lm without --decoder-normalize-before is post-norm (no final LayerNorm), while
+    # the MoE LM architectures are pre-norm: refused, naming the option, not loaded into another network
+    post = options.parse_args_and_arch(options.get_training_parser(), ["/nonexistent", "--task", "language_modeling", "--arch", "transformer_lm",
+                                                *sizes[:-1]])
+    post_norm = build_model(post, Task())
+    assert post_norm.decoder.layer_norm is None
+    with pytest.raises(ValueError, match="--decoder-normalize-before: the checkpoint's decoder has no final LayerNorm"):
+        moe.load_state_dict(post_norm.state_dict(), strict=True)
+
 
 def _dense_and_moe(task_name, dense_arch, moe_arch, sizes, vocab):
     """A stock fairseq model and our EvoMoE model of the same sizes, both built from the command

@@ -97,6 +97,15 @@ def check_checkpoint_layout(model: nn.Module, state_dict, prefix: str = "", stri
         if theirs is None:  # the checkpoint has no such stack: torch will say so
             continue
         compare(theirs, mine, strict, findings, fixes)
+        if strict and getattr(stack, "layer_norm", None) is not None and f"{prefix}{name}.layer_norm.weight" not in state_dict:
+            # fairseq adds a stack's final LayerNorm only to pre-norm models
+            findings.append(
+                f"--{mine.label}-normalize-before: the checkpoint's {mine.label} has no final LayerNorm, so it was "
+                f"trained post-norm (stock --arch transformer_lm's default); this model is pre-norm (fairseq's "
+                f"base_lm_architecture, which the MoE LM architectures build on, sets --{mine.label}-normalize-before), "
+                "and the weights would run in another network: train the dense model with "
+                f"--{mine.label}-normalize-before (or a GPT-size --arch such as transformer_lm_gpt)"
+            )
     if findings:
         raise CheckpointMismatchError(mismatch_message(findings, fixes))
 

@@ -11,6 +11,7 @@ import logging
 from typing import List, Optional
 
 from ..moe.layer import MoELayer, moe_layers
+from .dts_gate import DenseToSparseGate
 from .expert_diversify import DiversifyingMoELayer, load_base_expert_state
 from .schedule import Phase
 from .spawn import spawn_optimizer_state
@@ -27,7 +28,7 @@ def layer_phase(layer: MoELayer) -> Optional[Phase]:
     other gate (a baseline under an evomoe_* task; StableMoE's stages are not EvoMoE phases)."""
     if isinstance(layer, DiversifyingMoELayer) and not layer.is_spawned:
         return Phase.DIVERSIFY
-    return layer.gate.phase if layer.gate.name == "dts" else None
+    return layer.gate.phase if isinstance(layer.gate, DenseToSparseGate) else None
 
 
 class PhaseController:

@@ -133,11 +133,12 @@ def model_layout(stack: nn.Module, name: str) -> StackLayout:
                 layout.dense_ffn_dim = int(fc1.shape[0])
             continue
         diversify = isinstance(moe, DiversifyingMoELayer)
+        gate_state = moe.gate.state_dict()
         layout.moe[i] = MoEFFNState(
             experts=moe.num_experts,  # global E; under expert parallelism the local tensors hold E/W
             ffn_dim=moe.experts.fc1_weight.shape[1],
-            gate_keys=frozenset(moe.gate.state_dict()),
-            gate_shapes={k: tuple(v.shape) for k, v in moe.gate.state_dict().items()},
+            gate_keys=frozenset(gate_state),
+            gate_shapes={k: tuple(v.shape) for k, v in gate_state.items()},
             gate_buffers=frozenset(n for n, _ in moe.gate.named_buffers()),
             gate_name=moe.gate.name,
             diversify=diversify,

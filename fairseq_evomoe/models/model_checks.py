@@ -70,10 +70,9 @@ def criterion_refusal(args) -> Optional[str]:
     from ..criterions.moe_loss import MoELossMixin
 
     name = getattr(args, "criterion", None)
-    cls = CRITERION_REGISTRY.get(name) if isinstance(name, str) else None
-    if not isinstance(cls, type) or issubclass(cls, MoELossMixin):
-        return None
     moe = sorted(n for n, c in CRITERION_REGISTRY.items() if isinstance(c, type) and issubclass(c, MoELossMixin))
+    if not isinstance(name, str) or name not in CRITERION_REGISTRY or name in moe:
+        return None
     return (f"--criterion {name} does not add the MoE layers' losses (balance loss, z-loss, StableMoE's distillation), "
             f"so their routers would train without them; choose one of: {', '.join(moe)} (the same task losses plus "
             "the MoE ones)")

@@ -27,7 +27,7 @@ gradient. The expert parameters are left out of DDP's all-reduce (parallel/check
 `ExpertParallelModelMixin`).
 """
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -92,8 +92,9 @@ def exchange_and_run(placement: ExpertPlacement, experts, x: Tensor, counts: Ten
     start = (placement.rank // P) * P
     send_counts[start : start + P] = counts.reshape(P, L)
     recv_counts = all_to_all_rows(send_counts.reshape(-1), [L] * W, [L] * W, placement.group).reshape(W, L)
+    local_group_sizes = recv_counts.sum(0)  # [L], kept on the device for the experts
     # the layer's one host read: the split sizes, sent and received, and the local group sizes
-    host = torch.cat([send_counts.sum(1), recv_counts.sum(1), recv_counts.sum(0)]).tolist()
+    host = torch.cat([send_counts.sum(1), recv_counts.sum(1), local_group_sizes]).tolist()
     in_splits, out_splits, local_counts = host[:W], host[W : 2 * W], host[2 * W :]
 
     x = x[: sum(in_splits)]  # the grouped rows
@@ -103,7 +104,7 @@ def exchange_and_run(placement: ExpertPlacement, experts, x: Tensor, counts: Ten
     local_ids = torch.arange(L, device=x.device).repeat(W).repeat_interleave(
         recv_counts.reshape(-1).to(x.device), output_size=sum(out_splits))
     order = torch.argsort(local_ids, stable=True)  # -> grouped by local expert
-    y_sorted = local_forward(placement, experts, recv[order], recv_counts.sum(0).to(x.device), max(local_counts, default=0))
+    y_sorted = local_forward(placement, experts, recv[order], local_group_sizes.to(x.device), max(local_counts, default=0))
     y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)  # back to (source, local expert)
     return all_to_all(y, in_splits, out_splits, placement.group)
 

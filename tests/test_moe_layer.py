@@ -495,10 +495,11 @@ def test_expert_weight_gradients_reuse_memory_only_when_free():
 
 
 def test_reused_gradients_of_experts_without_tokens_are_zero():
-    """Reused gradient memory skips rewriting slots the last backward left at zero (the
-    expert-diversify phase: every step only expert 0 has tokens). Whatever the sequence of empty
-    experts, and with gradients scaled in place between steps (clipping, loss scaling), every
-    gradient equals that of a fresh module, and each step reuses the memory."""
+    """Reused gradient memory is rewritten whole, zero slots included: whatever held it as p.grad
+    may have written into slots this step left at zero (a data-parallel all-reduce copies the other
+    workers' gradients into them; a clip by a NaN norm makes them NaN). Whatever the sequence of
+    empty experts and the writes between steps, every gradient equals that of a fresh module, and
+    each step reuses the memory."""
     import copy
 
     import torch.nn.functional as F
@@ -509,7 +510,9 @@ def test_reused_gradients_of_experts_without_tokens_are_zero():
     experts = ExpertFFNs(4, 8, 16, F.relu)
     reference = copy.deepcopy(experts)
     ptrs = set()
-    for counts in ([5, 0, 0, 0], [5, 0, 0, 0], [2, 3, 1, 4], [0, 3, 0, 2], [0, 3, 0, 2], [6, 0, 0, 0]):
+    between_steps = [lambda g: g.mul_(0.5), lambda g: g.add_(1.0), lambda g: g.mul_(float("nan"))]
+    for i, counts in enumerate(([5, 0, 0, 0], [5, 0, 0, 0], [2, 3, 1, 4], [0, 3, 0, 2], [0, 3, 0, 2],
+                                [6, 0, 0, 0], [6, 0, 0, 0])):
         x = torch.randn(sum(counts), 8)
         experts(x, counts).sum().backward()
         reference.zero_grad(set_to_none=True)
@@ -519,7 +522,7 @@ def test_reused_gradients_of_experts_without_tokens_are_zero():
             torch.testing.assert_close(p.grad, q.grad)
         ptrs.add(experts.fc1_weight.grad.data_ptr())
         for p in experts.parameters():
-            p.grad.mul_(0.5)  # what gradient clipping does in place
+            between_steps[i % 3](p.grad)  # clipping, an all-reduce's copy-back, a clip by a NaN norm
         experts.zero_grad(set_to_none=True)
     assert len(ptrs) == 1
 

@@ -143,7 +143,7 @@ class DiversifyingMoELayer(MoELayer):
             y = self.experts.forward_one(x, 0, params=params)
         else:
             # every token in expert 0's group of the experts' own path: its weight gradients reuse
-            # their memory and the other experts' zero slots are not rewritten every step
+            # their memory from step to step
             y = self.experts(x, [x.shape[0]] + [0] * (self.experts.num_experts - 1), params=params)
         # the gate gets an exact zero gradient (keeps data-parallel reducers consistent)
         zero = sum((p.sum() for p in self.gate.parameters()), x.new_zeros((), dtype=torch.float)) * 0.0

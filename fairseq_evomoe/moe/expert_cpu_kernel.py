@@ -45,12 +45,7 @@ class ExpertFFNGroups(torch.autograd.Function):
             dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
         db1, db2 = w1.new_empty(w1.shape[:2]), w2.new_empty(w2.shape[:2])
         empty = [e for e, n in enumerate(ctx.counts) if n == 0]  # experts without tokens: zero gradients
-        for name, g in (("fc1_weight", dw1), ("fc2_weight", dw2)):
-            if ctx.grad_storage is not None:
-                ctx.grad_storage.zero_slots(name, g, empty)
-            else:
-                g[empty] = 0
-        db1[empty], db2[empty] = 0, 0
+        dw1[empty], dw2[empty], db1[empty], db2[empty] = 0, 0, 0, 0
         groups = zip(x.split(ctx.counts), hidden.split(ctx.counts), dy.split(ctx.counts), dx.split(ctx.counts))
         for e, (xe, saved, dye, dxe) in enumerate(groups):
             if xe.shape[0] == 0:

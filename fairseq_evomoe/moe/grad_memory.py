@@ -4,7 +4,7 @@ Relies on one private torch API, `torch._C._storage_Use_Count` (listed in fairse
 without it the memory is simply never reused.
 """
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from torch import Tensor
@@ -20,14 +20,16 @@ class ReusableGradStorage:
     again only when nothing else refers to it any more, the same test torch's autograd applies
     before it accumulates into a gradient in place; a gradient still held anywhere (as `p.grad`
     during gradient accumulation, or kept by the caller) is never written to. The price is that the
-    memory stays allocated between steps instead of only during them.
+    memory stays allocated between steps instead of only during them. What a handed-out tensor
+    holds is undefined: the backward writes every slot of it, zeros included, since whatever held
+    it as `p.grad` may have written into it (a data-parallel all-reduce copies the other workers'
+    gradients into slots this worker left at zero).
 
     Owned by one ExpertFFNs module; copies of the module start empty.
     """
 
     def __init__(self):
         self._kept: Dict[str, Tensor] = {}
-        self._zero_slots: Dict[str, set] = {}  # slots of a kept tensor that the last backward left at 0
 
     def new_like(self, name: str, like: Tensor) -> Tensor:
         kept = self._kept.get(name)
@@ -40,19 +42,7 @@ class ReusableGradStorage:
         ):
             return kept.detach()  # a new tensor on the same storage, so that autograd can adopt it
         self._kept[name] = torch.empty_like(like, memory_format=torch.contiguous_format)
-        self._zero_slots[name] = set()
         return self._kept[name].detach()
-
-    def zero_slots(self, name: str, grad: Tensor, slots: List[int]) -> None:
-        """grad[e] = 0 for the experts e in `slots` (those without tokens), skipping the ones that
-        are still 0 from the last backward: a gradient is only ever scaled in place once handed
-        out (clipping, loss scaling, all-reduce of zeros), so its zeros stay zeros. When one expert
-        runs alone as a dense FFN, this saves writing E - 1 zero slots per weight every step."""
-        known = self._zero_slots.get(name, set())
-        for e in slots:
-            if e not in known:
-                grad[e].zero_()
-        self._zero_slots[name] = set(slots)
 
     @staticmethod
     def _only_holder(t: Tensor) -> bool:
@@ -66,4 +56,4 @@ class ReusableGradStorage:
         return ReusableGradStorage()
 
     def __getstate__(self):
-        return {"_kept": {}, "_zero_slots": {}}
+        return {"_kept": {}}

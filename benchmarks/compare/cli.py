@@ -44,8 +44,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                    "next to it")
     p.add_argument("--note", default="", help="a remark printed at the top of the report")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (default 1); on CPU each "
-                   "gets cores / jobs threads unless --threads is given, and the per-run wall-clock in the report "
-                   "is measured under that sharing")
+                   "gets cores / jobs threads unless --threads is given; each run records this sharing with its "
+                   "wall-clock, and the report states it")
     p.add_argument("--threads", type=int, default=0, help="torch/OMP threads per run (default: all cores / --jobs)")
     p.add_argument("--gpu", action="store_true", help="train on the GPU (default: CPU)")
     p.add_argument("--force", action="store_true", help="retrain runs that already have a result (the earlier run is "

@@ -7,7 +7,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from plot_routing import _plt, make_plots, parse_log
 
@@ -59,7 +59,20 @@ def repo_relative(path) -> str:
     return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
 
 
-def setting_lines(a: argparse.Namespace, cmdline: str) -> List[str]:
+def sharing_text(results: Sequence[dict]) -> str:
+    """How the reported runs shared the machine while their train wall-clock was measured, as each
+    run recorded it (the invocation that trained it: runs at a time, threads each)."""
+    seen: Dict[str, int] = {}
+    for r in results:
+        s = r.get("wall_sharing")
+        key = "not recorded" if s is None else (
+            f"{s['jobs']} run(s) at a time" + (f", {s['threads']} thread(s) each" if s["threads"] else ""))
+        seen[key] = seen.get(key, 0) + 1
+    parts = [f"{k} ({n} run{'s' if n != 1 else ''})" if len(seen) > 1 else k for k, n in seen.items()]
+    return "; ".join(parts) if parts else "no run"
+
+
+def setting_lines(a: argparse.Namespace, cmdline: str, results: Sequence[dict] = ()) -> List[str]:
     """The report's title, command and "Setting" section: what was trained, on what, and how."""
     lines = [
         "# Gate comparison: EvoMoE vs. the baselines (small scale, real data)",
@@ -77,8 +90,8 @@ def setting_lines(a: argparse.Namespace, cmdline: str) -> List[str]:
         f"- Model size `{a.size}` {SIZES[a.size]} (layers per stack, dim, FFN, heads), {a.experts} experts in every "
         f"other FFN (`--moe-freq 2`), balance-loss weight {a.balance_wt}, Adam (0.9, 0.98), lr {a.lr} inverse_sqrt "
         f"with {warmup_updates(a.updates)} warm-up updates, {a.max_tokens} tokens per update, {a.updates} updates, "
-        f"seeds {', '.join(map(str, a.seeds))}, {'GPU' if a.gpu else 'CPU'}; {a.jobs} run(s) at a time"
-        f"{f', {a.threads} thread(s) each' if a.threads else ''} (train wall-clock is measured under that sharing).",
+        f"seeds {', '.join(map(str, a.seeds))}, {'GPU' if a.gpu else 'CPU'}. Train wall-clock is measured under the "
+        f"sharing each run was trained with: {sharing_text(results)} (other processes on the machine not counted).",
         f"- Data: {'the first %d training lines/pairs and %d valid/test lines of each corpus' % (a.train_lines, a.eval_lines) if a.train_lines else 'the full corpora'}"
         f"; sentencepiece (unigram, {a.spm_vocab} pieces).",
         f"- LM: WikiText-2, blocks of {a.tokens_per_sample} tokens; perplexity is per subword on the valid split "
@@ -269,7 +282,7 @@ def write_report(a: argparse.Namespace, results: List[dict], cmdline: str, missi
     `missing` names the runs the comparison has not finished yet (--report-only)."""
     res_path = Path(a.results)
     plot_dir = res_path.parent / (res_path.stem + "_plots")
-    lines = setting_lines(a, cmdline)
+    lines = setting_lines(a, cmdline, results)
     if missing:
         lines += [f"> **Partial:** {len(missing)} of the comparison's runs have not finished yet and are not in the "
                   f"tables: {', '.join(missing)}. Their gates' means are over the seeds that finished.", ""]

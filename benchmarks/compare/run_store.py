@@ -215,6 +215,7 @@ def run_one(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path, 
     xs, ys = valid_curve(parsed)
     res = {
         "task": task, "gate": gate, "seed": seed, "updates": a.updates, "train_wall_s": wall,
+        "wall_sharing": {"jobs": a.jobs, "threads": a.threads},
         "resumed_from_update": resumed, "commit": commit(REPO),
         "valid_updates": xs, "valid_loss": ys, "final_valid_loss": ys[-1] if ys else None,
         "experts_per_token": mean_experts_per_token(parsed), "train_curve": train_curve(parsed),

@@ -33,6 +33,21 @@ def test_refuses_at_once_without_a_gpu(tmp_path):
     assert not out.exists() and not (tmp_path / "work").exists()  # nothing was run or written
 
 
+def test_refuses_at_once_without_its_packages(tmp_path):
+    """A Python without fairseq (a bare GPU machine): the check names what it cannot import."""
+    bare = tmp_path / "bin" / "python3"
+    bare.parent.mkdir()
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.modules[\"fairseq\"] = None; "
+                    f"exec(compile(sys.stdin.read(), \"-\", \"exec\"))' \"$@\"\n")
+    bare.chmod(0o755)
+    out = tmp_path / "report.md"
+    proc = run_script("--out", out, env={"PYTHON": str(bare)})
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot import: fairseq (" in proc.stderr and "nothing was run" in proc.stderr
+    assert "torch (" not in proc.stderr  # what it has is not named
+    assert not out.exists() and not (tmp_path / "work").exists()
+
+
 def test_help_and_bad_options():
     proc = run_script("--help")
     assert proc.returncode == 0 and proc.stdout.startswith("Usage")
@@ -143,15 +158,6 @@ def test_the_layer_benchmark_table_is_read(tmp_path):
     assert [(r["experts"], r["tokens"]) for r in rows] == [(2, 64), (4, 64)] and all(r["moe_over_dense"] > 0 for r in rows)
     outcome = checks.layer_bench([str(log)])
     assert outcome.ok and outcome.lines[-1].startswith("| 4 | 64 | ")
-
-
-def test_nccl_probe_is_informational(tmp_path):
-    (tmp_path / "p.log").write_text("torch.distributed.DistBackendError: NCCL error: invalid usage, Duplicate GPU detected\n"
-                                    "E1206 torch/distributed/elastic/multiprocessing/api.py: failed (exitcode: 1)\n")
-    refused = checks.nccl_probe([str(tmp_path / "p.log")])
-    assert refused.ok and refused.informational and "refused: `torch.distributed.DistBackendError" in refused.lines[0]
-    (tmp_path / "q.log").write_text("nccl all_reduce ok: 2 ranks on cuda:0, sum 3\n")
-    assert "two ranks on one GPU: ran" in checks.nccl_probe([str(tmp_path / "q.log")]).lines[0]
 
 
 def test_report_is_written_section_by_section(tmp_path):

@@ -16,7 +16,6 @@ ALL_PHASES = [0, 1, 2]  # expert-diversify, dense-to-sparse (soft), top-1 (hard)
 class Outcome:
     ok: bool
     lines: List[str] = field(default_factory=list)
-    informational: bool = False  # the section passes whatever its command's exit status
 
 
 def read(path) -> str:
@@ -77,15 +76,6 @@ def expert_parallel(logs: List[str]) -> Outcome:
     return Outcome(phases.ok and started, [f"- second worker started (`distributed init (rank 1)`): {started}"] + phases.lines)
 
 
-def nccl_probe(logs: List[str]) -> Outcome:
-    """Whether NCCL ran an all_reduce with two ranks on the one GPU. Informational: either answer
-    passes (the check then uses gloo for the expert-parallel run)."""
-    text = read(logs[0])
-    ran = "nccl all_reduce ok" in text
-    return Outcome(True, ["- NCCL with two ranks on one GPU: " + ("ran" if ran else f"refused: `{last_error(text)}`")],
-                   informational=True)
-
-
 def layer_bench(logs: List[str]) -> Outcome:
     """benchmarks/bench_moe_layer.py: the MoE layer over the dense FFN of equal active FLOPs."""
     rows = bench_rows(read(logs[0]))
@@ -122,6 +112,6 @@ def prepared_data(logs: List[str]) -> Outcome:
 
 KINDS: Dict[str, Callable[[List[str]], Outcome]] = {
     "pytest": pytest_run, "sync": sync_table, "phases": every_phase, "expert_parallel": expert_parallel,
-    "nccl_probe": nccl_probe, "bench": layer_bench, "wps": words_per_second, "wps_ratio": wps_ratio,
+    "bench": layer_bench, "wps": words_per_second, "wps_ratio": wps_ratio,
     "data": prepared_data,
 }

@@ -62,7 +62,7 @@ def start(out: Path, title: str, command: str, limit: int) -> None:
 
 
 def finish(out: Path, title: str, outcome: Outcome, rc: int, seconds: float, logs) -> bool:
-    ok = outcome.ok and (rc == 0 or outcome.informational)
+    ok = outcome.ok and rc == 0
     if rc == 124:
         why = f"timed out (exit {rc})"
     else:

@@ -105,5 +105,5 @@ def plan_dispatch(routing: Routing, num_experts: int, capacity: Optional[Capacit
     # dropped and invalid assignments move behind the kept ones, which keep their order
     keep = (position < capacity) & (group[order] < num_experts)
     order = order[torch.argsort((~keep).to(torch.uint8), stable=True)]
-    return DispatchPlan(order, torch.minimum(routed_counts, torch.as_tensor(capacity, device=order.device)),
-                        routed_counts, max_rows)
+    # clamp takes a host int (no copy to the device) or a device tensor alike
+    return DispatchPlan(order, routed_counts.clamp(max=capacity), routed_counts, max_rows)

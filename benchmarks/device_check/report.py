@@ -37,11 +37,23 @@ def append(out: Path, *lines: str) -> None:
 
 
 def machine() -> str:
-    """GPU, torch and CUDA versions (the CPU's name where there is no GPU)."""
+    """GPU, torch, CUDA, numpy and fairseq versions (the CPU's name where there is no GPU)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import numpy
     import torch
 
+    def fairseq_version():
+        for dist in ("fairseq-fixed", "fairseq"):
+            try:
+                return f"{dist} {version(dist)}"
+            except PackageNotFoundError:
+                continue
+        return "fairseq (version unknown)"
+
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"no CUDA GPU ({platform.processor() or 'CPU'})"
-    return f"{where}; torch {torch.__version__}, CUDA {torch.version.cuda}; Python {platform.python_version()}"
+    return (f"{where}; torch {torch.__version__}, CUDA {torch.version.cuda}, numpy {numpy.__version__}, "
+            f"{fairseq_version()}; Python {platform.python_version()}")
 
 
 def header(out: Path, argv: str) -> None:

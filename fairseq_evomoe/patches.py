@@ -11,22 +11,27 @@ Installed when the package is imported (`install_at_import`):
    (imported with the first optimizer) keeps the group alive, so gloo's threads could still run
    while the interpreter exits and abort a finished worker. The wrapper imports torch._dynamo
    before the group exists and destroys the group after fairseq's closing barrier.
+3. `fairseq.trainer.Trainer.__init__` is wrapped (models/model_checks.py, `refusing_criteria`).
+   A model with MoE layers under a criterion that does not add their losses is refused before
+   the trainer is built, under fairseq-train and fairseq-hydra-train alike; the model's own check
+   (the first training forward) sees the criterion only where the model's options name it, which
+   fairseq-hydra-train's do not.
 
 Installed only when a model is built under expert parallelism, torch.distributed with more than one
 worker (`install_for_expert_parallelism`, called by models/moe_stack.py); one process never
 installs them:
 
-3. `fairseq.utils.clip_grad_norm_` is wrapped (moe/parallel/grad_norm.py). fairseq leaves the
+4. `fairseq.utils.clip_grad_norm_` is wrapped (moe/parallel/grad_norm.py). fairseq leaves the
    experts (`p.expert`) out of the gradient norm and has no hook to add them; the wrapper calls
    fairseq's function and adds every expert's gradient exactly once, so all workers clip by the
    norm one process would compute.
-4. A global torch optimizer step pre-hook (`torch.optim.optimizer.register_optimizer_step_pre_hook`,
+5. A global torch optimizer step pre-hook (`torch.optim.optimizer.register_optimizer_step_pre_hook`,
    moe/parallel/optimizer_state.py). fairseq builds its optimizer with no hook for us; the first
    step of an optimizer holding expert-parallel parameters gives it `consolidate_state_dict` (the
    method fairseq calls on every rank before a save) and a `state_dict` post-hook, so checkpoints
    hold every expert's optimizer state, and each step first slices freshly loaded state to this
    worker's experts.
-5. fairseq's mixed-precision optimizers (moe/parallel/mixed_precision.py):
+6. fairseq's mixed-precision optimizers (moe/parallel/mixed_precision.py):
    `FP16Optimizer.build_fp32_params` also copies the expert-parallel tags to the fp32 master copies
    (fairseq copies only `expert`), so --bf16 and --fp16 --fp16-no-flatten-grads count every expert
    once in the gradient norm and save complete optimizer state; `AMPOptimizer.clip_grad_norm` keeps
@@ -46,21 +51,25 @@ from fairseq import utils as fairseq_utils
 from fairseq.distributed import utils as distributed_utils
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.optim.fp16_optimizer import _FP16OptimizerMixin
+from fairseq.trainer import Trainer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .checkpoint_compat import allow_fairseq_checkpoints
+from .models import model_checks
 from .moe.parallel import grad_norm, mixed_precision, optimizer_state, process_group
 
 
 def install_at_import() -> None:
-    """Patches 1 and 2 (once per process)."""
+    """Patches 1, 2 and 3 (once per process)."""
     allow_fairseq_checkpoints()
+    if not getattr(Trainer.__init__, "refuses_criteria", False):
+        Trainer.__init__ = model_checks.refusing_criteria(Trainer.__init__)
     if not getattr(distributed_utils.distributed_main, "ends_cleanly", False):
         distributed_utils.distributed_main = process_group.ending_cleanly(distributed_utils.distributed_main)
 
 
 def install_for_expert_parallelism() -> None:
-    """Patches 3, 4 and 5 (once per process)."""
+    """Patches 4, 5 and 6 (once per process)."""
     if getattr(fairseq_utils.clip_grad_norm_, "counts_experts", False):
         return
     fairseq_utils.clip_grad_norm_ = grad_norm.counting_experts(fairseq_utils.clip_grad_norm_)

@@ -74,6 +74,23 @@ def test_training_under_a_criterion_without_the_moe_losses_is_refused(gate):
     ok(**sample["net_input"])
 
 
+def test_fairseqs_trainer_refuses_a_criterion_without_the_moe_losses():
+    """fairseq-hydra-train's model options do not name the criterion, so the model cannot refuse
+    it: fairseq's Trainer does, before it is built (patches.py), for MoE models only."""
+    from fairseq.criterions.cross_entropy import CrossEntropyCriterion
+    from fairseq.trainer import Trainer
+
+    model, moe_criterion, vocab = build_lm()  # its options name moe_cross_entropy, as Hydra's name none
+    plain = CrossEntropyCriterion(type("Task", (), {"target_dictionary": vocab})(), False)
+    with pytest.raises(ValueError, match=r"--criterion cross_entropy \(criterion._name=cross_entropy\) does not add "
+                                         r"the MoE layers' losses.*choose one of: .*moe_cross_entropy"):
+        Trainer(None, None, model, plain)  # refused before fairseq reads its config
+    dense, _, _ = build_lm("--moe-freq", "0")
+    for ok_model, ok_criterion in ((model, moe_criterion), (dense, plain)):
+        with pytest.raises(AttributeError):  # got past the check, into fairseq's own __init__ (cfg None)
+            Trainer(None, None, ok_model, ok_criterion)
+
+
 @pytest.mark.parametrize("gate", ["top1", "dts"])
 def test_fairseqs_nan_detector_runs_on_moe_models(gate):
     """After a NaN gradient fairseq repeats the step under its NanDetector, which hooks every module

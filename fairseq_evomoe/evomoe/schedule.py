@@ -50,6 +50,7 @@ def resolve_updates(value: Optional[float], max_update: int, option: str) -> Opt
     """An update count given as a count (>= 1) or as a fraction of --max-update (0 < value < 1)."""
     if value is None:
         return None
+    require_finite({option: value})
     if value < 0:
         raise ValueError(f"{option} must be >= 0 (an update count, or a fraction of --max-update below 1), got {value}")
     if 0 < value < 1:

@@ -64,18 +64,41 @@ def criterion_refusal(args) -> Optional[str]:
     """Why the model must not train under the run's --criterion: it is a registered criterion that
     does not add the MoE layers' losses (their routers would train without the balance loss, and
     StableMoE's stage 2 would route by an untrained table). None for an MoE criterion, or where the
-    model's options do not name the criterion (fairseq-hydra-train)."""
+    model's options do not name the criterion (fairseq-hydra-train: see `refusing_criteria`)."""
+    return refusal_of_criterion(getattr(args, "criterion", None))
+
+
+def refusal_of_criterion(name) -> Optional[str]:
+    """criterion_refusal for a criterion's registered name (None passes)."""
     from fairseq.criterions import CRITERION_REGISTRY
 
     from ..criterions.moe_loss import MoELossMixin
 
-    name = getattr(args, "criterion", None)
     moe = sorted(n for n, c in CRITERION_REGISTRY.items() if isinstance(c, type) and issubclass(c, MoELossMixin))
     if not isinstance(name, str) or name not in CRITERION_REGISTRY or name in moe:
         return None
     return (f"--criterion {name} does not add the MoE layers' losses (balance loss, z-loss, StableMoE's distillation), "
             f"so their routers would train without them; choose one of: {', '.join(moe)} (the same task losses plus "
             "the MoE ones)")
+
+
+def refusing_criteria(trainer_init):
+    """fairseq's Trainer.__init__(cfg, task, model, criterion, ...), refusing a model with MoE
+    layers under a registered criterion that does not add their losses (patches.py)."""
+    from fairseq.criterions import CRITERION_REGISTRY
+
+    from ..moe.layer import moe_layers
+
+    def init(self, cfg, task, model, criterion, *args, **kwargs):
+        if moe_layers(model):
+            name = next((n for n, c in CRITERION_REGISTRY.items() if type(criterion) is c), None)
+            why = refusal_of_criterion(name)
+            if why is not None:
+                raise ValueError(why.replace(f"--criterion {name}", f"--criterion {name} (criterion._name={name})", 1))
+        trainer_init(self, cfg, task, model, criterion, *args, **kwargs)
+
+    init.refuses_criteria = True
+    return init
 
 
 def check_model_against_task(args, task) -> None:

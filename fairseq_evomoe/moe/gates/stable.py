@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .base import Routing, fp32_linear, register_gate, router_z_loss, switch_balance_loss, token_mean
 from ..host_flag import HostFlag
+from ...option_values import require_finite
 from .top_k import RouterGate
 
 NO_DICTIONARY_ROWS = 1024
@@ -68,6 +69,7 @@ class StableMoEGate(RouterGate):
         self.distill_wt = getattr(args, "stablemoe_distill_wt", 1.0)
         self.rerun_schedule = getattr(args, "moe_rerun_schedules", False)
         dim = getattr(args, "stablemoe_distill_dim", 32)
+        require_finite({"--stablemoe-distill-wt": self.distill_wt})
         if self.stage2_update < -1:
             raise ValueError(f"--stablemoe-stage2-update must be >= 0, or -1 for no stage 2, got {self.stage2_update}")
         if self.distill_wt < 0:

@@ -224,6 +224,8 @@ def test_stablemoe_option_errors():
         gate("stablemoe", stablemoe_stage2_update=-5)
     with pytest.raises(ValueError, match="--stablemoe-distill-wt"):
         gate("stablemoe", stablemoe_distill_wt=-1.0)
+    with pytest.raises(ValueError, match="--stablemoe-distill-wt must be a finite number, got nan"):
+        gate("stablemoe", stablemoe_distill_wt=float("nan"))
 
 
 # -- dense MoE ------------------------------------------------------------------------------

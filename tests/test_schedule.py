@@ -52,6 +52,9 @@ def test_resolve_updates_counts_and_fractions():
         resolve_updates(-1, 10, "--x")
     with pytest.raises(ValueError, match="whole number"):
         resolve_updates(2.5, 10, "--x")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"--x must be a finite number, got {bad}"):
+            resolve_updates(bad, 10, "--x")
 
 
 def schedule_args(**kw):

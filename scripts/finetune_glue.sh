@@ -65,6 +65,10 @@ glue_task_info "$TASK"  # NUM_CLASSES, METRIC, PAIR (or a clear error)
 DATA="${DATA:-data-bin/glue/$TASK-bin}"
 [[ -f "$DATA/input0/dict.txt" ]] || die "--data $DATA has no input0/dict.txt (prepare it with scripts/prepare_glue.sh --task $TASK)"
 SAVE="${SAVE:-checkpoints/glue/$TASK}"
+# the earlier fine-tune in SAVE is moved aside below: the checkpoint must not be inside it
+ckpt_real="$(realpath -m "$CKPT")"; save_real="$(realpath -m "$SAVE")"
+[[ "$ckpt_real" != "$save_real"/* ]] \
+  || die "CHECKPOINT $CKPT is inside --save-dir $SAVE, which is moved aside before fine-tuning (so fairseq would train from scratch); give another --save-dir, or copy the checkpoint out of $SAVE first"
 
 case "$TASK" in  # lr batch updates warm-up
   MNLI) T=(1e-5 32 123873 7432) ;;  QNLI) T=(1e-5 32 33112 1986) ;;  QQP) T=(1e-5 32 113272 28318) ;;

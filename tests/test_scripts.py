@@ -107,6 +107,21 @@ def test_clear_errors_name_the_option(tmp_path):
             "--task 'FOO' is not a GLUE task this script knows; choose one of: CoLA, SST-2, MRPC, QQP, STS-B, MNLI, QNLI, RTE"]
 
 
+def test_finetune_glue_refuses_a_checkpoint_inside_its_save_dir(tmp_path):
+    """The save dir's earlier fine-tune is moved aside before training: a checkpoint inside it would
+    go with it, and fairseq would fine-tune a random model. Refused, and nothing is moved."""
+    save = tmp_path / "glue" / "RTE"
+    save.mkdir(parents=True)
+    (save / "checkpoint_best.pt").write_text("a model")
+    (tmp_path / "bin" / "input0").mkdir(parents=True)
+    (tmp_path / "bin" / "input0" / "dict.txt").write_text("a 1\n")
+    proc = sh("finetune_glue.sh", "RTE", save / ".." / "RTE" / "checkpoint_best.pt", "--data", tmp_path / "bin",
+              "--save-dir", save, check=False)
+    assert proc.returncode != 0 and "is inside --save-dir" in proc.stderr and "give another --save-dir" in proc.stderr
+    assert [p.name for p in (tmp_path / "glue").iterdir()] == ["RTE"]
+    assert (save / "checkpoint_best.pt").read_text() == "a model"
+
+
 def test_move_aside_keeps_what_an_earlier_run_saved(tmp_path):
     """The scripts never overwrite an earlier run's folder: it is renamed next to itself, twice in the
     same second included."""

@@ -31,6 +31,23 @@ move_aside() {
   echo "$dest"
 }
 
+# keep_earlier_preparation OUT NAME...: the named outputs of an earlier preparation in OUT (those
+# that exist) are moved together to OUT/previous-<time>/ before they would be rewritten, and the
+# script says so: a model trained on them needs that dictionary and sentencepiece model
+keep_earlier_preparation() {
+  local out="$1" dest="" n stamp k=1; shift
+  for n in "$@"; do
+    [[ -e "$out/$n" ]] || continue
+    if [[ -z "$dest" ]]; then
+      stamp="$(date +%Y%m%d-%H%M%S)"; dest="$out/previous-$stamp"
+      while [[ -e "$dest" ]]; do k=$((k + 1)); dest="$out/previous-$stamp-$k"; done
+      mkdir -p "$dest"
+    fi
+    mv "$out/$n" "$dest/"
+  done
+  [[ -z "$dest" ]] || echo "  an earlier preparation in $out ($(ls "$dest" | paste -sd' ' -)) was moved to $dest" >&2
+}
+
 # glue_task_info TASK: sets NUM_CLASSES, METRIC and PAIR of a GLUE task; exits with glue_data.py's
 # message for an unknown task (`eval "$(...)"` of a failed command would go on)
 glue_task_info() {

@@ -28,7 +28,8 @@ Options:
   --gpt2-bpe         tokenise with GPT-2 BPE (the released fairseq RoBERTa models; downloads its
                      encoder.json and vocab.bpe on first use)
                      (neither: whitespace-separated words, as the word-level WikiText data)
-  --out-dir DIR      output folder (default: data-bin/glue/<TASK>-bin)
+  --out-dir DIR      output folder (default: data-bin/glue/<TASK>-bin); an earlier preparation's
+                     input0/, input1/ and label/ there are moved to DIR/previous-<time>/ first
   --workers N        fairseq-preprocess workers (default 2)
   -h, --help         this message
 
@@ -62,6 +63,7 @@ glue_task_info "$TASK"  # NUM_CLASSES, METRIC, PAIR (or a clear error)
 [[ -z "$TSV" || -d "$TSV" ]] || die "--tsv-dir $TSV is not a folder"
 OUT="${OUT:-data-bin/glue/$TASK-bin}"
 mkdir -p "$OUT"
+keep_earlier_preparation "$OUT" input0 input1 label
 
 if [[ "$DOWNLOAD" == 1 ]]; then
   TSV="$(dirname "$OUT")/glue_data"
@@ -101,11 +103,9 @@ step "3/3 fairseq-preprocess -> $OUT"
 PRE="$(fairseq_tool fairseq-preprocess)"
 INPUTS=(input0); [[ "$PAIR" == 1 ]] && INPUTS+=(input1)
 for I in "${INPUTS[@]}"; do
-  rm -rf "${OUT:?}/$I"
   "$PRE" --only-source --trainpref "$OUT/raw/train.$I" --validpref "$OUT/raw/valid.$I" \
     --destdir "$OUT/$I" --srcdict "$DICT" --workers "$WORKERS" >/dev/null
 done
-rm -rf "${OUT:?}/label"
 if [[ "$NUM_CLASSES" == 1 ]]; then  # regression (STS-B): sentence_prediction reads the scores as text
   mkdir -p "$OUT/label"
   cp "$OUT/raw/train.label" "$OUT/label/train.label"

@@ -26,6 +26,7 @@ Options:
   -h, --help         this message
 
 Output: OUT/raw (plain text; references for BLEU), OUT/spm.model, OUT/bin (fairseq binary data).
+An earlier preparation's outputs in OUT are moved to OUT/previous-<time>/ first, never deleted.
 USAGE
 }
 
@@ -56,6 +57,7 @@ M="$DATA_DIR/multi30k"
 [[ -f "$M/$TEST.$SRC" ]] || die "--test-set $TEST: $M/$TEST.$SRC does not exist"
 OUT="${OUT:-data-bin/multi30k_${SRC}_${TGT}}"
 mkdir -p "$OUT/raw" "$OUT/spm"
+keep_earlier_preparation "$OUT" bin spm.model spm.vocab
 
 step "1/4 copy raw text from $M"
 for L in "$SRC" "$TGT"; do
@@ -78,7 +80,6 @@ else
 fi
 
 step "4/4 fairseq-preprocess -> $OUT/bin"
-rm -rf "$OUT/bin"
 "$(fairseq_tool fairseq-preprocess)" --source-lang "$SRC" --target-lang "$TGT" \
   --trainpref "$OUT/spm/train" --validpref "$OUT/spm/valid" --testpref "$OUT/spm/test" \
   --destdir "$OUT/bin" --joined-dictionary --workers "$WORKERS" >"$OUT/preprocess.log" 2>&1 \

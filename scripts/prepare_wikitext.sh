@@ -24,6 +24,7 @@ Options:
   -h, --help         this message
 
 Output: OUT/raw, OUT/bin (fairseq binary data; dict.txt), OUT/spm.model with --spm-vocab.
+An earlier preparation's outputs in OUT are moved to OUT/previous-<time>/ first, never deleted.
 USAGE
 }
 
@@ -48,6 +49,7 @@ W="$DATA_DIR/wikitext-2"
 [[ -f "$W/train.txt.gz" || -f "$W/train.txt" ]] || die "--data-dir $DATA_DIR has no wikitext-2/train.txt(.gz) (the shipped WikiText-2)"
 TRAIN_SRC="$W/train.txt.gz"; [[ -f "$TRAIN_SRC" ]] || TRAIN_SRC="$W/train.txt"
 mkdir -p "$OUT/raw" "$OUT/tok"
+keep_earlier_preparation "$OUT" bin spm.model spm.vocab
 
 step "1/3 copy raw text from $W"
 "$PY" "$SCRIPTS_DIR/textprep.py" copy "$TRAIN_SRC" "$OUT/raw/train.txt" --lines "$TRAIN_LINES"
@@ -66,7 +68,6 @@ else
 fi
 
 step "3/3 fairseq-preprocess -> $OUT/bin"
-rm -rf "$OUT/bin"
 "$(fairseq_tool fairseq-preprocess)" --only-source --trainpref "$OUT/tok/train.txt" --validpref "$OUT/tok/valid.txt" \
   --testpref "$OUT/tok/test.txt" --destdir "$OUT/bin" --workers "$WORKERS" --thresholdsrc "$THRESH" >"$OUT/preprocess.log" 2>&1 \
   || { tail -20 "$OUT/preprocess.log" >&2; die "fairseq-preprocess failed (log: $OUT/preprocess.log)"; }

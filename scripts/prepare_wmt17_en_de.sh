@@ -37,6 +37,7 @@ Options:
   -h, --help           this message
 
 Output: OUT/raw (cleaned text, references), OUT/spm.model, OUT/bin (fairseq binary data).
+An earlier preparation's outputs in OUT are moved to OUT/previous-<time>/ first, never deleted.
 Then: fairseq-hydra-train --config-dir configs --config-name wmt17_en_de gate=evomoe
 USAGE
 }
@@ -67,6 +68,7 @@ done
 [[ "$VOCAB" -ge 100 ]] || die "--spm-vocab must be at least 100, got $VOCAB"
 [[ "$RATIO" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--ratio must be a number, got '$RATIO'"
 mkdir -p "$OUT/raw" "$OUT/spm"
+keep_earlier_preparation "$OUT" bin spm.model spm.vocab
 G="$OUT/gathered"; mkdir -p "$G"
 
 if [[ -n "$RAW" ]]; then
@@ -147,7 +149,6 @@ for S in train valid test; do for L in "$SRC" "$TGT"; do
 done; done
 
 step "5/5 fairseq-preprocess -> $OUT/bin"
-rm -rf "$OUT/bin"
 "$(fairseq_tool fairseq-preprocess)" --source-lang "$SRC" --target-lang "$TGT" --trainpref "$OUT/spm/train" \
   --validpref "$OUT/spm/valid" --testpref "$OUT/spm/test" --destdir "$OUT/bin" --joined-dictionary \
   --workers "$WORKERS" >"$OUT/preprocess.log" 2>&1 || { tail -20 "$OUT/preprocess.log" >&2; die "fairseq-preprocess failed (log: $OUT/preprocess.log)"; }

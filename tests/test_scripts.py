@@ -63,6 +63,14 @@ def test_prepare_wikitext_word_level(tmp_path):
         assert (out / "bin" / f"{split}.bin").is_file()
     words = {l.split()[0] for l in (out / "bin" / "dict.txt").read_text(encoding="utf-8").splitlines()}
     assert "the" in words and "@-@" in words  # word-level WikiText tokens, no subwords
+    # again with other settings: the first dictionary (a model trained on it needs it) is kept
+    first = (out / "bin" / "dict.txt").read_text(encoding="utf-8")
+    proc = sh("prepare_wikitext.sh", "--data-dir", shared_data_dir(), "--out-dir", out, "--train-lines", 200,
+              "--valid-lines", 40, "--test-lines", 40)
+    kept = list(out.glob("previous-*/bin/dict.txt"))
+    assert len(kept) == 1 and kept[0].read_text(encoding="utf-8") == first
+    assert f"was moved to {kept[0].parent.parent}" in proc.stderr
+    assert (out / "bin" / "dict.txt").read_text(encoding="utf-8") != first
 
 
 @pytest.mark.slow  # runs sentencepiece and fairseq-preprocess on real data

@@ -135,6 +135,32 @@ def test_option_validation_messages(overrides, message):
     assert message in str(err.value)
 
 
+def test_phases_past_max_update_are_warned(caplog):
+    """A gate option that puts a routing phase at or after --max-update trains, with a warning."""
+    from types import SimpleNamespace
+
+    from moe_helpers import moe_args
+
+    from fairseq_evomoe.models import model_checks
+
+    task = SimpleNamespace(drives_evomoe_phases=True)
+    cases = [
+        (dict(moe_gate="dts", dts_anneal_updates=20, dts_hard_update=None),
+         "--dts-anneal-updates (20, from the spawn at update 0) puts the end of the annealing, and the switch to top-1, at update 20"),
+        (dict(moe_gate="dts", dts_anneal_updates=5, dts_hard_update=10), "--dts-hard-update puts the switch to top-1 at update 10"),
+        (dict(moe_gate="stablemoe", stablemoe_stage2_update=10000), "--stablemoe-stage2-update puts StableMoE's stage 2 at update 10000"),
+        (dict(moe_gate="dts", dts_anneal_updates=5, dts_hard_update=8), None),
+        (dict(moe_gate="dts", dts_anneal_updates=20, dts_hard_update=8), None),  # top-1 from 8: the annealing's end no matter
+        (dict(moe_gate="stablemoe", stablemoe_stage2_update=-1), None),
+    ]
+    for overrides, warning in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            model_checks.check_model_against_task(moe_args(max_update=10, **overrides), task)
+        found = [r.getMessage() for r in caplog.records if "not before --max-update 10: the run ends first" in r.getMessage()]
+        assert found == ([f"{warning}, not before --max-update 10: the run ends first"] if warning else []), overrides
+
+
 def test_model_checks_against_the_task():
     """The check the models run with the task before building: the spawn must come before --max-update."""
     from types import SimpleNamespace

@@ -4,7 +4,7 @@ that must come before fairseq itself builds anything (`moe_architecture`)."""
 import argparse
 import logging
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -132,6 +132,9 @@ def check_model_against_task(args, task) -> None:
         raise ValueError(
             f"--evomoe-diversify-updates ({diversify}) must be below --max-update ({max_update}): the experts would never be spawned"
         )
+    if max_update and restored_checkpoint(args) is None:  # (a restored run keeps its checkpoint's schedule)
+        for why in phases_past_the_run(args, diversify, max_update):
+            logging.getLogger(__name__).warning(f"{why}, not before --max-update {max_update}: the run ends first")
     stage2 = getattr(args, "stablemoe_stage2_update", -1)
     if args.moe_gate == "stablemoe" and diversify > 0 and 0 <= stage2 <= diversify:
         raise ValueError(
@@ -139,6 +142,24 @@ def check_model_against_task(args, task) -> None:
             "(--evomoe-diversify-updates): stage 1, which trains the router that stage 2's frozen table is distilled "
             f"from, would never run; set --stablemoe-stage2-update above {diversify}, or -1 for no stage 2"
         )
+
+
+def phases_past_the_run(args, diversify: int, max_update: int) -> List[str]:
+    """The routing phases the gate's options put at or after --max-update (each as text), for a
+    warning: the DTS gate's top-1 switch or the end of its annealing, StableMoE's stage 2."""
+    found = []
+    if args.moe_gate == "dts":
+        hard = resolve_updates(args.dts_hard_update, max_update, "--dts-hard-update")
+        anneal = resolve_updates(args.dts_anneal_updates, max_update, "--dts-anneal-updates")
+        if hard is not None and hard >= max_update:
+            found.append(f"--dts-hard-update puts the switch to top-1 at update {hard}")
+        elif hard is None and anneal is not None and diversify + anneal >= max_update:
+            found.append(f"--dts-anneal-updates ({anneal}, from the spawn at update {diversify}) puts the end of "
+                         f"the annealing, and the switch to top-1, at update {diversify + anneal}")
+    stage2 = getattr(args, "stablemoe_stage2_update", -1)
+    if args.moe_gate == "stablemoe" and stage2 >= max_update:
+        found.append(f"--stablemoe-stage2-update puts StableMoE's stage 2 at update {stage2}")
+    return found
 
 
 def restored_checkpoint(args) -> Optional[str]:

@@ -149,6 +149,21 @@ def test_compatible_checkpoints_still_load(saved, run):
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if k in loaded)
 
 
+def test_a_gate_that_fills_its_own_state_warns_when_it_loads_another_gates_checkpoint(caplog):
+    """A top-1 checkpoint loads into the DTS gate (which fills its schedule buffers itself), so a
+    run resumed with the wrong --moe-gate would silently become another method: it is said."""
+    state = build("--moe-gate", "top1").state_dict()
+    with caplog.at_level("WARNING"):
+        _loads(dict(state), "--moe-gate", "dts")
+    said = [r.getMessage() for r in caplog.records if "this run loads them into --moe-gate dts" in r.getMessage()]
+    assert said and "keep the state of --moe-gate top1/" in said[0] and "Pass that gate" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        _loads(dict(state), "--moe-gate", "top2")  # the same state: nothing to say
+        _loads(build("--moe-gate", "dts").state_dict(), "--moe-gate", "dts")
+    assert not [r for r in caplog.records if "this run loads them into" in r.getMessage()]
+
+
 def test_older_checkpoints_with_the_legacy_buffers_in_every_layer_still_load():
     state = build("--moe-freq", "1").state_dict()
     for i in (0, 1):

@@ -23,6 +23,7 @@ non-strict load (`strict=False`) is checked only for tensor shapes. The check ru
 and before any child module (and the expert-parallel hook that slices the experts) sees it.
 """
 
+import logging
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
@@ -239,6 +240,17 @@ def compare(theirs: StackLayout, mine: StackLayout, strict: bool, findings: List
         )
         if names:
             fixes.append(f"--moe-gate {'/'.join(names)}")
+    filled = [(t, m) for t, m in pairs if not gate_differs(t, m) and t.gate_keys != m.gate_keys
+              and m.gate_name not in gate_states().get(t.gate_keys, (m.gate_name,))]
+    if filled:
+        t, m = filled[0]
+        names = gate_states()[t.gate_keys]
+        logging.getLogger(__name__).warning(
+            f"the checkpoint's MoE gates keep the state of --moe-gate {'/'.join(names)} "
+            f"({', '.join(sorted(t.gate_keys))}); this run loads them into --moe-gate {m.gate_name}, which starts "
+            f"{', '.join(sorted(m.gate_keys - t.gate_keys))} anew. Resuming a run trained with --moe-gate "
+            f"{names[0]}? Pass that gate (a {m.gate_name} checkpoint written before this state existed loads so too)"
+        )
     missing_diversify = [m for t, m in pairs if m.diversify and not t.diversify]
     if missing_diversify:
         findings.append(

@@ -79,7 +79,11 @@ LR="${LR:-${T[0]}}"; BSZ="${BSZ:-${T[1]}}"; UPDATES="${UPDATES:-${T[2]}}"; WARMU
 
 mapfile -t MODEL < <("$PY" "$SCRIPTS_DIR/ckpt_info.py" "$CKPT" --model-flags)
 [[ ${#MODEL[@]} -gt 0 ]] || die "could not read the model options of $CKPT"
-MAXPOS="$("$PY" "$SCRIPTS_DIR/ckpt_info.py" "$CKPT" model.max_positions 2>/dev/null || echo 512)"
+# the positions it was pre-trained with: model.max_positions, else (fairseq-hydra-train keeps no
+# model.max_positions) the tokens_per_sample the model took it from
+MAXPOS="$("$PY" "$SCRIPTS_DIR/ckpt_info.py" "$CKPT" model.max_positions 2>/dev/null \
+  || "$PY" "$SCRIPTS_DIR/ckpt_info.py" "$CKPT" task.tokens_per_sample 2>/dev/null)" \
+  || die "could not read the positions $CKPT was pre-trained with (neither model.max_positions nor task.tokens_per_sample is in its config)"
 
 if [[ "$NUM_CLASSES" == 1 ]]; then
   BEST=(--regression-target --best-checkpoint-metric loss)

@@ -122,6 +122,8 @@ def test_bad_options_fail_before_training(mt_data, tmp_path):
         (dict(moe_freq=3), "--moe-freq 3 is larger than the 2 layers of the encoder"),
         (dict(moe_capacity_factor=float("nan")), "--moe-capacity-factor must be a finite number, got nan"),
         (dict(moe_eval_capacity_factor=float("inf")), "--moe-eval-capacity-factor must be a finite number, got inf"),
+        (dict(moe_seed=2**64 + 1), "--moe-seed must be in [0, 2^63 - 1], got 18446744073709551617"),
+        (dict(moe_seed=-1), "--moe-seed must be in [0, 2^63 - 1], got -1"),
     ],
 )
 def test_option_validation_messages(overrides, message):

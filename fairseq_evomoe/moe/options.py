@@ -112,6 +112,8 @@ def validate(args, stacks) -> None:
         if args.moe_freq > layers:
             bad(f"--moe-freq {args.moe_freq} is larger than the {layers} layers of the {name}: no layer would be MoE; "
                 f"use 1..{layers}, or 0 for a dense model")
+    if not 0 <= args.moe_seed < 2**63:
+        bad(f"--moe-seed must be in [0, 2^63 - 1], got {args.moe_seed}")
     if args.moe_gate not in GATE_REGISTRY:
         bad(f"--moe-gate {args.moe_gate!r} is not a known gate; choose one of: {', '.join(sorted(GATE_REGISTRY))}")
     require_finite({"--moe-capacity-factor": args.moe_capacity_factor, "--moe-eval-capacity-factor": args.moe_eval_capacity_factor,

@@ -20,13 +20,20 @@ need_data_and_checkpoint() {
   [[ -f "$2" ]] || die "--checkpoint $2 does not exist"
 }
 
+# unused_name PREFIX: PREFIX<time>, or PREFIX<time>-N, whichever does not exist yet
+unused_name() {
+  local stamp dest n=1
+  stamp="$(date +%Y%m%d-%H%M%S)"
+  dest="$1$stamp"
+  while [[ -e "$dest" ]]; do n=$((n + 1)); dest="$1$stamp-$n"; done
+  echo "$dest"
+}
+
 # move_aside PATH: rename PATH to a sibling PATH.previous-<time> that does not exist yet (never delete
 # what an earlier run saved); prints the new name
 move_aside() {
-  local stamp dest n=1
-  stamp="$(date +%Y%m%d-%H%M%S)"
-  dest="$1.previous-$stamp"
-  while [[ -e "$dest" ]]; do n=$((n + 1)); dest="$1.previous-$stamp-$n"; done
+  local dest
+  dest="$(unused_name "$1.previous-")"
   mv "$1" "$dest"
   echo "$dest"
 }
@@ -35,12 +42,11 @@ move_aside() {
 # that exist) are moved together to OUT/previous-<time>/ before they would be rewritten, and the
 # script says so: a model trained on them needs that dictionary and sentencepiece model
 keep_earlier_preparation() {
-  local out="$1" dest="" n stamp k=1; shift
+  local out="$1" dest="" n; shift
   for n in "$@"; do
     [[ -e "$out/$n" ]] || continue
     if [[ -z "$dest" ]]; then
-      stamp="$(date +%Y%m%d-%H%M%S)"; dest="$out/previous-$stamp"
-      while [[ -e "$dest" ]]; do k=$((k + 1)); dest="$out/previous-$stamp-$k"; done
+      dest="$(unused_name "$out/previous-")"
       mkdir -p "$dest"
     fi
     mv "$out/$n" "$dest/"

@@ -226,10 +226,11 @@ def compare(theirs: StackLayout, mine: StackLayout, strict: bool, findings: List
                 fixes.append(f"{option} {have[dim]}")
     if not strict:
         return
+    states = gate_states()
     gates = [(t, m) for t, m in pairs if gate_differs(t, m)]
     if gates:
         t, m = gates[0]
-        names = gate_states().get(t.gate_keys)
+        names = states.get(t.gate_keys)
         theirs_gate = (f"the {names[0]} gate" if names and len(names) == 1 else
                        f"one of the gates {', '.join(names[:-1])} or {names[-1]}, which keep the same state"
                        if names else "a gate this check does not know")
@@ -241,10 +242,10 @@ def compare(theirs: StackLayout, mine: StackLayout, strict: bool, findings: List
         if names:
             fixes.append(f"--moe-gate {'/'.join(names)}")
     filled = [(t, m) for t, m in pairs if not gate_differs(t, m) and t.gate_keys != m.gate_keys
-              and m.gate_name not in gate_states().get(t.gate_keys, (m.gate_name,))]
+              and m.gate_name not in states.get(t.gate_keys, (m.gate_name,))]
     if filled:
         t, m = filled[0]
-        names = gate_states()[t.gate_keys]
+        names = states[t.gate_keys]
         logging.getLogger(__name__).warning(
             f"the checkpoint's MoE gates keep the state of --moe-gate {'/'.join(names)} "
             f"({', '.join(sorted(t.gate_keys))}); this run loads them into --moe-gate {m.gate_name}, which starts "

@@ -11,11 +11,14 @@ Installed when the package is imported (`install_at_import`):
    (imported with the first optimizer) keeps the group alive, so gloo's threads could still run
    while the interpreter exits and abort a finished worker. The wrapper imports torch._dynamo
    before the group exists and destroys the group after fairseq's closing barrier.
-3. `fairseq.trainer.Trainer.__init__` is wrapped (models/model_checks.py, `refusing_criteria`).
-   A model with MoE layers under a criterion that does not add their losses is refused before
-   the trainer is built, under fairseq-train and fairseq-hydra-train alike; the model's own check
-   (the first training forward) sees the criterion only where the model's options name it, which
-   fairseq-hydra-train's do not.
+3. `fairseq.trainer.Trainer.__init__` is wrapped (models/model_checks.py,
+   `checking_before_training`). A model with MoE layers under a criterion that does not add their
+   losses is refused before the trainer is built, under fairseq-train and fairseq-hydra-train
+   alike; the model's own check (the first training forward) sees the criterion only where the
+   model's options name it, which fairseq-hydra-train's do not. A --restore-file that names no
+   file is refused once the trainer is built (fairseq would train from scratch); only training
+   builds a trainer, so generation, which rebuilds the model from the training options, is not
+   affected.
 
 Installed only when a model is built under expert parallelism, torch.distributed with more than one
 worker (`install_for_expert_parallelism`, called by models/moe_stack.py); one process never
@@ -62,8 +65,8 @@ from .moe.parallel import grad_norm, mixed_precision, optimizer_state, process_g
 def install_at_import() -> None:
     """Patches 1, 2 and 3 (once per process)."""
     allow_fairseq_checkpoints()
-    if not getattr(Trainer.__init__, "refuses_criteria", False):
-        Trainer.__init__ = model_checks.refusing_criteria(Trainer.__init__)
+    if not getattr(Trainer.__init__, "checks_before_training", False):
+        Trainer.__init__ = model_checks.checking_before_training(Trainer.__init__)
     if not getattr(distributed_utils.distributed_main, "ends_cleanly", False):
         distributed_utils.distributed_main = process_group.ending_cleanly(distributed_utils.distributed_main)
 

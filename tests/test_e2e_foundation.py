@@ -48,6 +48,14 @@ def test_translation_train_generate_and_resume(mt_data, tmp_path):
     assert "Loaded checkpoint" in text and "@ 16 updates" in text
     assert [r["num_updates"] for r in json_logs(resumed)][-1] == 20
 
+    # a mistyped --restore-file is refused before training (fairseq would train from scratch)
+    saved = sorted(p.name for p in save.iterdir())
+    typo = run_cli("fairseq-train", *args, "--max-update", "24", "--restore-file", save / "checkpoint_lats.pt", check=False)
+    text = typo.stdout + typo.stderr
+    assert typo.returncode != 0
+    assert f"--restore-file {save / 'checkpoint_lats.pt'}: no such file; fairseq would train from scratch" in text
+    assert "train_inner" not in text and sorted(p.name for p in save.iterdir()) == saved
+
 
 @pytest.mark.slow
 def test_gpt_language_model_and_eval_lm(lm_data, tmp_path):

@@ -91,6 +91,25 @@ def test_fairseqs_trainer_refuses_a_criterion_without_the_moe_losses():
             Trainer(None, None, ok_model, ok_criterion)
 
 
+def test_a_restore_file_that_names_no_file_is_refused_but_a_first_launch_is_not(tmp_path):
+    from fairseq_evomoe.models.model_checks import missing_restore_file
+
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    (save / "pretrained.pt").write_bytes(b"x")
+    assert missing_restore_file("checkpoint_last.pt", str(save), "") is None  # the default, first launch
+    assert missing_restore_file(str(save / "checkpoint_last.pt"), str(save), "") is None  # the same, spelled out
+    assert missing_restore_file(str(save / "pretrained.pt"), str(save), "") is None
+    why = missing_restore_file(str(save / "pretrianed.pt"), str(save), "")
+    assert why.startswith(f"--restore-file {save / 'pretrianed.pt'}: no such file; fairseq would train from scratch")
+    # fairseq appends --checkpoint-suffix to the file it loads
+    assert missing_restore_file(str(save / "pretrained.pt"), str(save), "-x") == (
+        f"--restore-file {save / 'pretrained.pt'}: no such file ({save / 'pretrained-x.pt'}); fairseq would train "
+        "from scratch. Give the path of an existing checkpoint, or leave --restore-file out to resume from "
+        "<--save-dir>/checkpoint_last.pt")
+    assert missing_restore_file(str(save / "checkpoint_last.pt"), str(save), "-x") is None
+
+
 @pytest.mark.parametrize("gate", ["top1", "dts"])
 def test_fairseqs_nan_detector_runs_on_moe_models(gate):
     """After a NaN gradient fairseq repeats the step under its NanDetector, which hooks every module

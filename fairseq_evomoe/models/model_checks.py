@@ -64,7 +64,7 @@ def criterion_refusal(args) -> Optional[str]:
     """Why the model must not train under the run's --criterion: it is a registered criterion that
     does not add the MoE layers' losses (their routers would train without the balance loss, and
     StableMoE's stage 2 would route by an untrained table). None for an MoE criterion, or where the
-    model's options do not name the criterion (fairseq-hydra-train: see `refusing_criteria`)."""
+    model's options do not name the criterion (fairseq-hydra-train: see `checking_before_training`)."""
     return refusal_of_criterion(getattr(args, "criterion", None))
 
 
@@ -82,9 +82,10 @@ def refusal_of_criterion(name) -> Optional[str]:
             "the MoE ones)")
 
 
-def refusing_criteria(trainer_init):
-    """fairseq's Trainer.__init__(cfg, task, model, criterion, ...), refusing a model with MoE
-    layers under a registered criterion that does not add their losses (patches.py)."""
+def checking_before_training(trainer_init):
+    """fairseq's Trainer.__init__(cfg, task, model, criterion, ...), refusing, for a model with MoE
+    layers, a registered criterion that does not add their losses and a --restore-file that names
+    no file (patches.py)."""
     from fairseq.criterions import CRITERION_REGISTRY
 
     from ..moe.layer import moe_layers
@@ -96,9 +97,31 @@ def refusing_criteria(trainer_init):
             if why is not None:
                 raise ValueError(why.replace(f"--criterion {name}", f"--criterion {name} (criterion._name={name})", 1))
         trainer_init(self, cfg, task, model, criterion, *args, **kwargs)
+        if moe_layers(model):
+            why = missing_restore_file(cfg.checkpoint.restore_file, cfg.checkpoint.save_dir, self.checkpoint_suffix)
+            if why is not None:
+                raise ValueError(why)
 
-    init.refuses_criteria = True
+    init.checks_before_training = True
     return init
+
+
+def missing_restore_file(restore_file: str, save_dir: str, suffix: str) -> Optional[str]:
+    """Why training must not start when --restore-file names a checkpoint that does not exist
+    (fairseq would log "No existing checkpoint found" and train from scratch), else None. The
+    run's own last checkpoint (the default, or <--save-dir>/checkpoint_last.pt spelled out) may be
+    missing: that is a first launch."""
+    from fairseq.file_io import PathManager
+
+    if restore_file == "checkpoint_last.pt":
+        return None
+    path = restore_file.replace(".pt", suffix + ".pt") if suffix else restore_file
+    own_last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
+    if PathManager.isfile(path) or os.path.abspath(path) == os.path.abspath(own_last):
+        return None
+    return (f"--restore-file {restore_file}: no such file{f' ({path})' if path != restore_file else ''}; "
+            "fairseq would train from scratch. Give the path of an existing checkpoint, or leave "
+            "--restore-file out to resume from <--save-dir>/checkpoint_last.pt")
 
 
 def check_model_against_task(args, task) -> None:

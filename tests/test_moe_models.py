@@ -91,6 +91,26 @@ def test_fairseqs_trainer_refuses_a_criterion_without_the_moe_losses():
             Trainer(None, None, ok_model, ok_criterion)
 
 
+def test_options_of_a_gate_that_is_not_chosen_are_warned_about(caplog):
+    """--hash-mode balanced without --moe-gate hash trains the chosen gate: say so. The stage-2 update
+    the shipped configs set for every gate, and the EvoMoE architectures' own defaults, are quiet."""
+    import logging
+
+    def warned(*argv):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            build_lm(*argv)
+        return [r.getMessage() for r in caplog.records if "ignores the options of other gates" in r.getMessage()]
+
+    assert warned("--moe-gate", "top1", "--hash-mode", "balanced", "--moe-second-expert-policy", "random") == [
+        "--moe-gate top1 ignores the options of other gates set here: --hash-mode balanced (--moe-gate hash); "
+        "--moe-second-expert-policy random (--moe-gate top2)"]
+    assert warned("--moe-gate", "hash", "--hash-mode", "balanced") == []
+    assert warned("--moe-gate", "top1", "--stablemoe-stage2-update", "100") == []
+    assert warned("--arch", "transformer_lm_evomoe_tiny", "--moe-gate", "top1", "--max-update", "100") == []
+    assert warned("--arch", "transformer_lm_evomoe_tiny", "--max-update", "100") == []  # the DTS gate
+
+
 def test_a_restore_file_that_names_no_file_is_refused_but_a_first_launch_is_not(tmp_path):
     from fairseq_evomoe.models.model_checks import missing_restore_file
 

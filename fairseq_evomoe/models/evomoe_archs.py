@@ -13,7 +13,8 @@ from . import roberta_moe, transformer_lm_moe, transformer_moe
 def evomoe_defaults(args):
     args.moe_gate = getattr(args, "moe_gate", "dts")
     args.evomoe_diversify_updates = getattr(args, "evomoe_diversify_updates", 0.1)
-    args.dts_anneal_updates = getattr(args, "dts_anneal_updates", 0.5)
+    if args.moe_gate == "dts":
+        args.dts_anneal_updates = getattr(args, "dts_anneal_updates", 0.5)
 
 
 def _variant(model: str, name: str, base):

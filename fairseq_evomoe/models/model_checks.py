@@ -155,6 +155,11 @@ def check_model_against_task(args, task) -> None:
         raise ValueError(
             f"--evomoe-diversify-updates ({diversify}) must be below --max-update ({max_update}): the experts would never be spawned"
         )
+    unused = moe_options.unused_gate_options(args)
+    if unused:
+        logging.getLogger(__name__).warning(
+            f"--moe-gate {args.moe_gate} ignores the options of other gates set here: {'; '.join(unused)}"
+        )
     if max_update and restored_checkpoint(args) is None:  # (a restored run keeps its checkpoint's schedule)
         for why in phases_past_the_run(args, diversify, max_update):
             logging.getLogger(__name__).warning(f"{why}, not before --max-update {max_update}: the run ends first")

@@ -91,6 +91,29 @@ def apply_defaults(args) -> None:
                 setattr(args, f.name, f.default)
 
 
+# Gate options the shipped Hydra configs (and benchmarks/compare_gates.py) set for every gate, so
+# that choosing that gate needs no other override; they are not warned about when another gate runs.
+SET_FOR_EVERY_GATE = frozenset({"stablemoe_stage2_update"})
+
+
+def unused_gate_options(args) -> List[str]:
+    """The options of gates other than --moe-gate that are set away from their defaults (each as
+    "--option value (--moe-gate name)"): the chosen gate ignores them, which a user may not expect."""
+    chosen = GATE_REGISTRY.get(args.moe_gate)
+    own = {f.name for f in fields(chosen.options)} if chosen is not None and chosen.options is not None else set()
+    found = []
+    for name, spec in sorted(GATE_REGISTRY.items()):
+        if name == args.moe_gate or spec.options is None:
+            continue
+        for f in fields(spec.options):
+            if f.name.startswith("_") or f.name in own or f.name in SET_FOR_EVERY_GATE or f.default is MISSING:
+                continue
+            value = getattr(args, f.name, f.default)
+            if value != f.default:
+                found.append(f"--{f.name.replace('_', '-')} {value} (--moe-gate {name})")
+    return found
+
+
 def moe_layer_indices(num_layers: int, moe_freq: int) -> List[int]:
     """Indices of the MoE layers in a stack of `num_layers`: (i + 1) % moe_freq == 0."""
     if moe_freq == 0:

@@ -255,6 +255,23 @@ def test_ppl_is_of_the_task_loss_per_token(name):
     assert reduce(summed(logs), type(crit).reduce_metrics)["ppl"] == pytest.approx(got["ppl"], abs=1e-6)
 
 
+def test_sentence_prediction_logs_its_nll_loss_of_the_task_loss_alone():
+    """sentence_prediction logs loss (per sentence, what is optimised: task + MoE loss), accuracy
+    and a per-token nll_loss; the MoE criterion's nll_loss leaves the MoE loss out, as every other
+    MoE criterion's does."""
+    from fairseq_evomoe.criterions.moe_criterions import MoESentencePredictionCriterion
+
+    logs = [{"loss": 9.0, "inner_loss": 6.0, "moe_gate_loss": 3.0, "ntokens": 40, "nsentences": 4, "sample_size": 4,
+             "ncorrect": 3},
+            {"loss": 5.0, "inner_loss": 4.0, "moe_gate_loss": 1.0, "ntokens": 20, "nsentences": 2, "sample_size": 2,
+             "ncorrect": 1}]
+    got = reduce(logs, MoESentencePredictionCriterion.reduce_metrics)
+    assert got["loss"] == pytest.approx(14.0 / 6 / math.log(2), abs=1e-3)
+    assert got["inner_loss"] == pytest.approx(10.0 / 6 / math.log(2), abs=1e-3)
+    assert got["nll_loss"] == pytest.approx(10.0 / 60 / math.log(2), abs=1e-3)
+    assert got["accuracy"] == pytest.approx(100 * 4 / 6, abs=0.1)
+
+
 # ------------------------------------------------------------------------------ expert compute
 
 
@@ -298,7 +315,7 @@ def test_gate_token_counts_are_logged_as_a_share_of_tokens():
     is logged as moe_<name>_pct: per layer its share of the layer's tokens, over every batch the
     line covers, then the mean over the layers that report it."""
     model = nn.ModuleList([make_layer("dts", num_experts=E, seed=0, dts_anneal_updates=10, dts_hard_update=10,
-                                      evomoe_diversify_updates=0),
+                                      evomoe_diversify_updates=0, dts_hard_routing="sample"),
                            make_layer("top1", num_experts=E, seed=1)]).train()
     model[0].layer_name, model[1].layer_name = "enc0", "dec0"
     model[0].gate.set_num_updates(10)

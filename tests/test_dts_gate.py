@@ -288,21 +288,28 @@ def test_resumed_run_keeps_the_saved_schedule_whatever_its_max_update():
     assert fresh.plan.updates == 2000 and fresh.gate.schedule.diversify_updates == 2000
 
 
+@pytest.mark.parametrize("hard_routing", ["sample", "argmax"])
 @pytest.mark.parametrize("sparsity", ["threshold", "scheduled"])
-def test_hard_phase_counts_the_tokens_the_switch_changes(sparsity):
+def test_hard_phase_counts_the_tokens_the_switch_changes(sparsity, hard_routing):
     """In the hard phase the gate reports how many tokens the soft rule, at the same noise, would
-    give more than their one expert; with scheduled sparsity k(t) is 1 by then, so none."""
-    layer = dts_layer(dts_sparsity=sparsity, dts_hard_update=100)
+    not give exactly their one expert: more experts, or another one (argmax(l + g) where the hard
+    phase routes by argmax(l)). With scheduled sparsity k(t) is 1 by then, so the switch changes no
+    token when both rules take the noisy choice, and the noise's other choices under argmax."""
+    layer = dts_layer(dts_sparsity=sparsity, dts_hard_update=100, dts_hard_routing=hard_routing)
     layer.gate.set_num_updates(100)
     x = torch.randn(64, 16)
     torch.manual_seed(3)
     routing = layer.gate(x)
     torch.manual_seed(3)
     logits = layer.gate.router(x).detach()
-    y = ((logits + gumbel_noise_like(logits)) / layer.gate.tau).softmax(-1)
-    many = int((layer.gate.soft_selection(y).sum(-1) > 1).sum())
-    assert int(routing.token_counts["switch_changed"]) == many
-    assert (many == 0) if sparsity == "scheduled" else (many > 0)
+    noisy = logits + gumbel_noise_like(logits)
+    soft = layer.gate.soft_selection((noisy / layer.gate.tau).softmax(-1))
+    many = soft.sum(-1) > 1
+    moved = noisy.argmax(-1) != logits.argmax(-1)
+    changed = many | moved if hard_routing == "argmax" else many
+    assert int(routing.token_counts["switch_changed"]) == int(changed.sum())
+    assert (int(many.sum()) == 0) if sparsity == "scheduled" else (int(many.sum()) > 0)
+    assert int(moved.sum()) > 0
 
 
 def test_a_loaded_gate_never_goes_back_to_an_earlier_phase():

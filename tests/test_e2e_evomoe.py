@@ -126,10 +126,11 @@ def test_resume_is_exact_across_phases(lm_data, every_phase_lm, tmp_path):
 
 def test_scheduled_sparsity_follows_its_schedule_and_compute_is_counted(lm_data, tmp_path):
     """--dts-sparsity scheduled: at every log line the experts per token are k(t), from E at the
-    spawn down to 1 at the switch, so the switch to top-1 changes nothing in the count; the expert
-    compute spent grows by each update's kept assignments and is not counted for validation."""
+    spawn down to 1 at the switch, so the switch to top-1 changes nothing in the count (nor, when
+    the hard phase also takes the noisy choice, any token's expert); the expert compute spent grows
+    by each update's kept assignments and is not counted for validation."""
     proc = run_cli("fairseq-train", *lm_args(lm_data, tmp_path / "ckpt", "--max-update", "16", "--dts-sparsity", "scheduled",
-                                             "--validate-interval-updates", "8"))
+                                             "--dts-hard-routing", "sample", "--validate-interval-updates", "8"))
     rows = {int(r["num_updates"]): r for r in json_logs(proc)}
     # update n+1's row shows step n; T_div = 4, D = 8 (k: 4 -> 1 over updates 4..12), H = 13
     for n in range(5, 14):

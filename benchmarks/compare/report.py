@@ -168,7 +168,9 @@ def switch_lines(a: argparse.Namespace, rows: List[dict]) -> List[str]:
             f"after minus the {LINES} before; beside it, over updates {spread_from}-{hard}, what the trend alone gives "
             f"({LINES} x the mean line-to-line change) and the standard deviation of the line-to-line change; the change "
             "minus Switch's over the same lines (the same seed trains on the same batches); and the tokens whose "
-            "routing the switch changes (first top-1 line).", "",
+            "routing the switch changes (first top-1 line; for a hard phase routed by argmax(l), runs made with "
+            "code up to 83e5f2e count only the tokens the soft rule gave more than one expert, not those it gave one other "
+            "expert).", "",
             "| gate | seeds | loss change across the switch | from the trend before it | line-to-line std before it "
             "| minus Switch's change | tokens rerouted (%) |",
             "|---|---|---|---|---|---|---|", *table]

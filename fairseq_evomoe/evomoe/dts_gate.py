@@ -21,9 +21,10 @@ hard phase (training, num_updates >= H):
     at the current temperature (`gumbel`, as the authors' code with Gumbel combine weights);
     capacity as configured. On steps that collect statistics the gate reports hard_eval_agree_pct,
     the share of tokens whose training expert is argmax(l), the expert evaluation gives them, and
-    counts the tokens for which the soft rule, at the same noise and schedule, would select more than
-    that one expert (`switch_changed`, logged as moe_switch_changed_pct): at the switch, the share of
-    tokens whose routing the switch changes (capacity drops aside, which moe_tokens_dropped_pct shows).
+    counts the tokens for which the soft rule, at the same noise and schedule, would not select
+    exactly that one expert (more experts, or, with argmax routing, another one; `switch_changed`,
+    logged as moe_switch_changed_pct): at the switch, the share of tokens whose routing the switch
+    changes (capacity drops aside, which moe_tokens_dropped_pct shows).
 evaluation / generation:
     top-1 = argmax(l), weight p, no noise, nothing dropped. (`eval_routing`, for diagnosis only:
     "sample" routes by the training rule of the current phase, noise included, and "softmax" gives
@@ -220,7 +221,7 @@ class DenseToSparseGate(RouterGate):
             routing = self._routing(x, expert, weight, probs, logits, droppable, valid)
         if self.collect_stats:
             soft = self.soft_selection((noisy / self.tau).softmax(dim=-1), valid)
-            changed = soft.sum(dim=-1) > 1
+            changed = (soft.sum(dim=-1) > 1) | ~soft.gather(1, expert[:, None]).squeeze(1)
             routing.token_counts = {"switch_changed": (changed if valid is None else changed & valid).sum()}
             agree = expert == logits.detach().argmax(dim=-1)
             agree, count = (agree, logits.new_tensor(x.shape[0])) if valid is None else (agree & valid, valid.sum())

@@ -5,8 +5,9 @@ moe_label_smoothed_cross_entropy  (translation)          = label_smoothed_cross_
 moe_masked_lm                     (RoBERTa)              = masked_lm + MoE loss
 moe_sentence_prediction           (RoBERTa on GLUE)      = sentence_prediction + MoE loss
 
-`loss` is what is optimised (task + MoE loss); `ppl` (and `nll_loss` where fairseq logs it) is
-always that of the task loss alone, per predicted token. cross_entropy and masked_lm derive them
+`loss` is what is optimised (task + MoE loss); `ppl` (not for sentence prediction, which logs
+accuracy) and `nll_loss` (where fairseq logs it) are always those of the task loss alone, per
+predicted token. cross_entropy and masked_lm derive them
 from `loss`, so their reduce_metrics are replaced here (reduce_loss_and_ppl); label-smoothed cross
 entropy derives them from its `nll_loss`, which the MoE loss never touches.
 """
@@ -22,7 +23,14 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.criterions.masked_lm import MaskedLmConfig, MaskedLmLoss
 from fairseq.criterions.sentence_prediction import SentencePredictionConfig, SentencePredictionCriterion
 
-from .moe_loss import SOFT_GATE_LOSS_WT, MoELossMixin, MoELossOptions, reduce_loss_and_ppl, reduce_moe_metrics
+from .moe_loss import (
+    SOFT_GATE_LOSS_WT,
+    MoELossMixin,
+    MoELossOptions,
+    reduce_loss_and_ppl,
+    reduce_moe_metrics,
+    reduce_task_nll_loss,
+)
 
 
 @dataclass
@@ -110,6 +118,8 @@ class MoESentencePredictionCriterion(MoELossMixin, SentencePredictionCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
-        # loss (task + MoE loss while training, per sentence) and accuracy as sentence_prediction logs them
+        # loss (task + MoE loss while training, per sentence) and accuracy as sentence_prediction
+        # logs them; its nll_loss (per token) of the task loss alone, as the other MoE criteria log it
         reduce_moe_metrics(logging_outputs)
-        SentencePredictionCriterion.reduce_metrics(logging_outputs)
+        SentencePredictionCriterion.reduce_metrics([dict(log, ntokens=log.get("sample_size", 0)) for log in logging_outputs])
+        reduce_task_nll_loss(logging_outputs)

@@ -347,6 +347,16 @@ def reduce_moe_metrics(logging_outputs) -> None:
             metrics.log_derived(f"moe_load_{layer}_e{e}", partial(_expert_share, layer, e, num_experts), priority=10)
 
 
+def reduce_task_nll_loss(logging_outputs, tokens_key: str = "ntokens") -> bool:
+    """Logs `nll_loss`, the task loss alone (`inner_loss`) per predicted token (`tokens_key`), where
+    fairseq's criteria log an nll_loss: when sample_size is not the token count. Whether it did."""
+    ntokens = _total(logging_outputs, tokens_key)
+    if _total(logging_outputs, "sample_size") == ntokens:
+        return False
+    metrics.log_scalar("nll_loss", _total(logging_outputs, "inner_loss") / ntokens / math.log(2), ntokens, round=3)
+    return True
+
+
 def reduce_loss_and_ppl(logging_outputs, tokens_key: str = "ntokens") -> None:
     """`loss` (task + MoE loss per sample_size, what is optimised) as fairseq's criteria log it, and
     the perplexity of the task loss alone (`inner_loss`) per predicted token: `tokens_key` names the
@@ -355,12 +365,9 @@ def reduce_loss_and_ppl(logging_outputs, tokens_key: str = "ntokens") -> None:
     token) is logged only where sample_size is not the token count (--sentence-avg).
     Call after reduce_moe_metrics, which logs inner_loss."""
     loss_sum = _total(logging_outputs, "loss")
-    inner_sum = _total(logging_outputs, "inner_loss")
-    ntokens = _total(logging_outputs, tokens_key)
     sample_size = _total(logging_outputs, "sample_size")
     metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
-    if sample_size != ntokens:
-        metrics.log_scalar("nll_loss", inner_sum / ntokens / math.log(2), ntokens, round=3)
+    if reduce_task_nll_loss(logging_outputs, tokens_key):
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
     else:
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["inner_loss"].avg))

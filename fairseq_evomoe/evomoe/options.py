@@ -17,7 +17,8 @@ class EvoMoEOptions(FairseqDataclass):
         default=0,
         metadata={"help": "EvoMoE expert-diversify length T_div: train one base expert as a dense FFN for this many updates "
                   "(a fraction < 1 means of --max-update), then spawn the experts; 0 = no diversify phase. "
-                  "Needs an evomoe_* task"},
+                  "Train with an evomoe_* task: it gives the spawned experts their optimizer state (other tasks "
+                  "warn, and refuse --fp16/--bf16)"},
     )
     evomoe_spawn_mode: str = field(
         default="mask",

@@ -91,6 +91,16 @@ def test_contradictory_settings_are_rejected(overrides, message):
         EvoMoESchedule.from_args(schedule_args(**overrides))
 
 
+def test_a_short_fine_tune_of_a_spawned_checkpoint_is_not_refused_for_its_fractions():
+    """Fractions of a 2-update fine-tune put T_div and H at update 1 (H not after the spawn); the
+    fine-tuned checkpoint's experts are spawned and its saved counts replace these, so no error."""
+    short = dict(max_update=2, evomoe_diversify_updates=0.1, dts_anneal_updates=0.5, dts_hard_update=0.6)
+    with pytest.raises(ValueError, match="--dts-hard-update \\(1\\) is not after the expert spawn at update 1"):
+        EvoMoESchedule.from_args(schedule_args(**short))
+    s = EvoMoESchedule.from_args(schedule_args(**short, evomoe_restores_spawned_experts=True))
+    assert (s.diversify_updates, s.hard_update) == (1, 1)
+
+
 def test_hard_start_only_when_asked():
     s = EvoMoESchedule.from_args(schedule_args(evomoe_diversify_updates=0, dts_hard_update=0, dts_allow_hard_start=True))
     assert s.phase(0) == Phase.HARD

@@ -98,9 +98,12 @@ class EvoMoESchedule:
         if hard is None:
             hard = t_div + anneal  # default: top-1 as soon as the temperature reaches tau_min
         schedule = cls(t_div, anneal, hard, args.dts_tau_max, args.dts_tau_min, args.dts_tau_schedule)
-        # fine-tuning a spawned checkpoint (models/model_checks.py): the schedule is past the spawn for good
+        # fine-tuning a spawned checkpoint (models/model_checks.py): the schedule is past the spawn for
+        # good, and the checkpoint's own counts replace these when it loads (saved_schedule.py), so
+        # counts that fractions of a short fine-tune's --max-update put in one update are no error
         spawned = getattr(args, "evomoe_restores_spawned_experts", False)
-        schedule.validate(0 if spawned else max_update, allow_hard_start=getattr(args, "dts_allow_hard_start", False))
+        schedule.validate(0 if spawned else max_update,
+                          allow_hard_start=spawned or getattr(args, "dts_allow_hard_start", False))
         return schedule
 
     def validate(self, max_update: int = 0, allow_hard_start: bool = False) -> None:

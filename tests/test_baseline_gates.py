@@ -251,3 +251,23 @@ def test_dense_moe_capacity_never_drops():
     layer(torch.randn(40, 16), torch.randint(4, 50, (40,)))
     assert layer.metadata["dropped_frac"].item() == 0.0
     assert layer.metadata["experts_per_token"].item() == 4.0
+
+
+def test_top2_random_keeps_the_runner_up_with_twice_its_normalised_weight():
+    """GShard's Algorithm 1: g2 <- g2 / (g1 + g2), and the runner-up is kept when 2 g2 > U(0, 1);
+    its weight (and the first expert's) are the normalised ones whether or not it is kept."""
+    torch.manual_seed(0)
+    gate = build_gate("top2", 32, 16, moe_args(moe_second_expert_policy="random")).train()
+    x = torch.randn(20000, 32) * 3
+    with torch.no_grad():
+        routing = gate(x)
+    S = x.shape[0]
+    p1, p2 = routing.probs.topk(2, dim=-1).values.unbind(-1)
+    w2 = p2 / (p1 + p2)
+    kept = routing.valid[S:].float()
+    assert kept.mean().item() == pytest.approx((2 * w2).clamp(max=1).mean().item(), abs=0.01)
+    assert (2 * p2).clamp(max=1).mean().item() < kept.mean().item() - 0.1  # not the raw p2 (the old rule)
+    assert torch.allclose(routing.weight[S:], w2) and torch.allclose(routing.weight[:S], p1 / (p1 + p2))
+    gate.eval()
+    with torch.no_grad():
+        assert gate(x).valid is None  # evaluation takes the runner-up

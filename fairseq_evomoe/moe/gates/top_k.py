@@ -4,10 +4,12 @@ top1: p = softmax(W_g x); each token goes to argmax p with weight p_max.
       Balance loss: E * sum_e f_e * P_e (Switch), f_e = share of tokens whose choice is e.
 top2: the first expert is argmax p; the second is chosen by `--moe-second-expert-policy`:
       `all` (always the runner-up), `sampling` (argmax of logits + Gumbel noise among the other
-      experts, as fairseq), `random` (the runner-up, kept with probability min(1, 2 p_2), as
-      GShard; a runner-up not kept stays in the routing, marked invalid, so that shapes are
-      static). Weights are p_1 and p_2 renormalised to sum to 1. The balance loss counts first
-      choices only (the GShard convention, also used by fairseq and DeepSpeed).
+      experts, as fairseq), `random` (the runner-up, kept with probability min(1, 2 w_2), its
+      weight renormalised as below, as GShard's Algorithm 1; a runner-up not kept stays in the
+      routing, marked invalid, so that shapes are static). Weights are w_1, w_2 = p_1 and p_2
+      renormalised to sum to 1 (w_1 stays so when the runner-up is not kept). At evaluation every
+      policy takes the runner-up. The balance loss counts first choices only (the GShard
+      convention, also used by fairseq and DeepSpeed).
 """
 
 from dataclasses import dataclass, field
@@ -60,7 +62,8 @@ class Top2Options(FairseqDataclass):
     moe_second_expert_policy: str = field(
         default="sampling",
         metadata={"help": "top2 gate: how the second expert is chosen: sampling (Gumbel noise on the logits, "
-                  "as fairseq), all (always the runner-up), random (runner-up kept with probability 2*p2, as GShard)"},
+                  "as fairseq), all (always the runner-up), random (runner-up kept with probability 2*w2, w2 = p2/(p1+p2), "
+                  "as GShard)"},
     )
 
 
@@ -97,8 +100,8 @@ class Top2Gate(RouterGate):
 
         tokens = torch.arange(x.shape[0], device=x.device)
         valid2 = valid
-        if self.training and self.policy == "random":  # the runner-up kept with probability min(1, 2 p2)
-            kept = (2 * p2.detach()) > torch.rand_like(p2)
+        if self.training and self.policy == "random":  # the runner-up kept with probability min(1, 2 w2)
+            kept = (2 * w2.detach()) > torch.rand_like(w2)
             valid2 = kept if valid is None else kept & valid
         return Routing(
             token_idx=torch.cat([tokens, tokens]),

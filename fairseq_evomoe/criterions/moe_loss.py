@@ -5,6 +5,7 @@ statistics). `MoELossMixin.add_moe_loss` reads them, adds
 
     moe_gate_loss_wt * sample_size * combine_over_layers(balance_loss)
   + moe_z_loss_wt    * sample_size * combine_over_layers(z_loss)
+  +                    sample_size * combine_over_layers(extra_loss)   (a gate's own term, if any)
 
 to the task loss while training (validation reports the pure task loss, so validation loss and
 perplexity compare across gates), and puts the statistics into the logging output.
@@ -14,6 +15,8 @@ Losses:
   loss                 what is optimised: task loss + MoE loss (per sample_size, as fairseq logs it)
   inner_loss           the task loss alone (per sample_size)
   moe_gate_loss        the weighted balance (+ z) loss term
+  moe_extra_loss       a gate's own loss term, where it has one (StableMoE's stage-1 routing
+                       distillation, weighted by --stablemoe-distill-wt)
   nll_loss, ppl        of the task loss alone, per predicted token (never includes the MoE loss);
                        nll_loss appears where fairseq logs it (--sentence-avg, translation)
 
@@ -162,13 +165,17 @@ class MoELossMixin:
             else:
                 balance_term = reduce(weights.to(balance) * balance)
             gate_term = sample_size * (balance_term + self.moe_z_loss_wt * reduce(z))
+            logging_output["moe_gate_loss"] = gate_term.data.to(loss.dtype)
             extra = [m.metadata["extra_loss"] for m in layers if "extra_loss" in m.metadata]
             if extra:  # e.g. StableMoE's routing distillation, weighted by the gate itself
-                gate_term = gate_term + sample_size * reduce(torch.stack(extra))
+                extra_term = sample_size * reduce(torch.stack(extra))
+                logging_output["moe_extra_loss"] = extra_term.data.to(loss.dtype)
+                gate_term = gate_term + extra_term
             gate_term = gate_term.to(loss.dtype)
             loss = loss + gate_term
+        else:
+            logging_output["moe_gate_loss"] = gate_term.data
         logging_output["loss"] = loss.data
-        logging_output["moe_gate_loss"] = gate_term.data
         if layers and model.training:  # expert compute spent by training (validation's is not counted)
             logging_output[TRAINING_KEPT] = sum(m.metadata["kept_assignments"] for m in layers)
         reporting = [m for m in layers if "num_tokens" in m.metadata]  # the layers that collected statistics
@@ -313,6 +320,9 @@ def reduce_moe_metrics(logging_outputs) -> None:
     if sample_size > 0:
         metrics.log_scalar("inner_loss", inner / sample_size / math.log(2), sample_size, round=3)
         metrics.log_scalar("moe_gate_loss", gate / sample_size / math.log(2), sample_size, round=4)
+        if any("moe_extra_loss" in log for log in logging_outputs):
+            extra = _total(logging_outputs, "moe_extra_loss")
+            metrics.log_scalar("moe_extra_loss", extra / sample_size / math.log(2), sample_size, round=4)
     # training's kept assignments accumulate in an aggregator of their own, which fairseq never
     # resets and saves in checkpoints with its other metrics; between log lines they are a device
     # tensor, added without reading it on the host
@@ -333,7 +343,7 @@ def reduce_moe_metrics(logging_outputs) -> None:
             elif k.startswith("_moe_load_"):
                 layer, e = k[len("_moe_load_"):].rsplit("_e", 1)
                 experts[layer] = max(experts.get(layer, 0), int(e) + 1)
-        elif k not in ("moe_count", "moe_gate_loss"):  # gate state: the mean over the outputs
+        elif k not in ("moe_count", "moe_gate_loss", "moe_extra_loss"):  # gate state: the mean over the outputs
             metrics.log_scalar(k, float(_total(logging_outputs, k)) / count, count, round=3)
     for name in ROUTING_METRICS:
         metrics.log_derived(name, partial(_mean_over_layers, name, layers), priority=10)

@@ -31,7 +31,9 @@ evaluation / generation:
     every expert its weight p; scripts/evaluate_routing.py compares the three.)
 balance loss:
     E * sum_e me_e * ce_e; me_e = mean over tokens of the combine weight of e (0 where unselected),
-    ce_e = fraction of tokens that selected e (a token may select several). Padding never reaches a gate.
+    ce_e = fraction of tokens that selected e (a token may select several), both over the real
+    tokens: padding rows (`valid` False, where padding stays in place) select nothing and count for
+    nothing.
 
 tau and the phase come from `EvoMoESchedule` (schedule.py), a pure function of the update
 counter that fairseq pushes into every module through `set_num_updates`. The schedule's position

@@ -36,7 +36,8 @@ class MoEOptions(FairseqDataclass):
     )
     moe_eval_capacity_factor: float = field(
         default=0.0,
-        metadata={"help": "capacity factor at validation and generation; 0 = dropless, -1 = same as training (default 0)"},
+        metadata={"help": "capacity factor at validation and generation; 0 = dropless, -1 = same as training (default 0); "
+                  "the dts gate never drops at evaluation"},
     )
     moe_drop_policy: str = field(
         default="score",

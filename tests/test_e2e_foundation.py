@@ -170,6 +170,13 @@ def test_phases_past_max_update_are_warned(caplog):
         found = [r.getMessage() for r in caplog.records if "not before --max-update 10: the run ends first" in r.getMessage()]
         assert found == ([f"{warning}, not before --max-update 10: the run ends first"] if warning else []), overrides
 
+    # stage 2 from update 0 of a run from scratch would freeze an untrained router's table
+    for stage2, warned in ((0, True), (5, False), (-1, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            model_checks.check_model_against_task(moe_args(max_update=10, moe_gate="stablemoe", stablemoe_stage2_update=stage2), task)
+        assert any("--stablemoe-stage2-update 0 from scratch" in r.getMessage() for r in caplog.records) == warned
+
 
 def test_model_checks_against_the_task():
     """The check the models run with the task before building: the spawn must come before --max-update."""

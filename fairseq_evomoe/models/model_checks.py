@@ -160,10 +160,15 @@ def check_model_against_task(args, task) -> None:
         logging.getLogger(__name__).warning(
             f"--moe-gate {args.moe_gate} ignores the options of other gates set here: {'; '.join(unused)}"
         )
+    stage2 = getattr(args, "stablemoe_stage2_update", -1)
     if max_update and restored_checkpoint(args) is None:  # (a restored run keeps its checkpoint's schedule)
         for why in phases_past_the_run(args, diversify, max_update):
             logging.getLogger(__name__).warning(f"{why}, not before --max-update {max_update}: the run ends first")
-    stage2 = getattr(args, "stablemoe_stage2_update", -1)
+        if args.moe_gate == "stablemoe" and stage2 == 0 and diversify == 0:
+            logging.getLogger(__name__).warning(
+                "--stablemoe-stage2-update 0 from scratch: stage 2 freezes, from the first update, a routing table "
+                "distilled from a router that never trained (stage 1 never runs); 0 is meant for fine-tuning a "
+                "StableMoE checkpoint. Set the update stage 2 starts from, or -1 for no stage 2")
     if args.moe_gate == "stablemoe" and diversify > 0 and 0 <= stage2 <= diversify:
         raise ValueError(
             f"--stablemoe-stage2-update ({stage2}) is not after the expert spawn at update {diversify} "

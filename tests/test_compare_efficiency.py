@@ -57,3 +57,18 @@ def test_switch_effect_reads_the_loss_step_and_the_rerouted_tokens():
     switch = switch_effect({"updates": xs, "inner_loss": loss}, hard=60, spread_from=20, lines=2)
     assert switch["rerouted"] is None  # a run that logs no switch (Switch, for reference)
     assert switch_effect({"updates": xs[:7], "inner_loss": loss[:7]}, hard=60, spread_from=20, lines=2) is None
+
+
+def test_a_result_stored_with_repeated_log_lines_is_read_with_one_line_per_update():
+    """Results stored before the log parser kept one line per update hold, for a resumed run, the
+    lines its interrupted attempt had logged too; read back, each update counts once (the last)."""
+    from compare.run_store import one_line_per_update
+
+    clean = {"valid_updates": [50, 100, 150], "valid_loss": [5.0, 4.5, 4.2], "experts_per_token": 2.25,
+             "train_curve": {"updates": [10, 20, 30, 40], "inner_loss": [6.0, 5.8, 5.7, 5.5],
+                             "moe_experts_per_token": [4.0, 3.0, 1.0, 1.0]}}
+    repeated = {"valid_updates": [50, 100, 100, 100, 150], "valid_loss": [5.0, 4.6, 4.6, 4.5, 4.2], "experts_per_token": 2.5,
+                "train_curve": {"updates": [10, 20, 20, 20, 20, 30, 40], "inner_loss": [6.0, 5.9, 5.9, 5.9, 5.8, 5.7, 5.5],
+                                "moe_experts_per_token": [4.0, 3.0, 3.0, 3.0, 3.0, 1.0, 1.0]}}
+    assert one_line_per_update(repeated) == clean
+    assert one_line_per_update(clean) == clean

@@ -130,7 +130,7 @@ def earlier_result(a: argparse.Namespace, folder: Path, settings: dict, tag: str
         old = have.get("settings") if isinstance(have, dict) else None
         if same_settings(old, settings) and not a.force:
             commands.log(f"{tag}: done earlier with the same settings ({result_file})")
-            return have
+            return one_line_per_update(have)
         if same_settings(old, settings):
             why = "--force"
         elif old is None:
@@ -178,13 +178,38 @@ def train_curve(parsed: dict) -> Dict[str, list]:
     return curve
 
 
+def one_line_per_update(result: dict) -> dict:
+    """A stored result with one validation and one training line per update, the last stored (the
+    log parser of results made before it kept only one stored, for a resumed run, also the lines
+    its interrupted attempt had logged, up to several copies of each), and its mean experts per
+    token taken again over those lines."""
+    def last_per_update(updates: list, *columns: list):
+        last = {u: i for i, u in enumerate(updates)}
+        keep = sorted(last.values(), key=lambda i: updates[i])
+        return [[col[i] for i in keep] for col in (updates, *columns)]
+
+    out = dict(result)
+    if out.get("valid_updates") is not None and len(set(out["valid_updates"])) < len(out["valid_updates"]):
+        out["valid_updates"], out["valid_loss"] = last_per_update(out["valid_updates"], out["valid_loss"])
+    curve = out.get("train_curve") or {}
+    ups = curve.get("updates") or []
+    if len(set(ups)) < len(ups):
+        keys = [k for k in curve if k != "updates"]
+        columns = last_per_update(ups, *(curve[k] for k in keys))
+        out["train_curve"] = dict(zip(["updates", *keys], columns))
+        ept = [v for v in out["train_curve"].get("moe_experts_per_token") or [] if v is not None]
+        if ept:
+            out["experts_per_token"] = sum(ept) / len(ept)
+    return out
+
+
 def finished_result(a: argparse.Namespace, task: str, gate: str, seed: int, data: Path) -> Optional[dict]:
     """The run's result when it finished with this invocation's settings; None otherwise. Reads only:
     nothing is moved aside (--report-only)."""
     folder = run_dir(a, task, gate, seed)
     have = read_json(folder / "result.json") if (folder / "result.json").is_file() else None
     if isinstance(have, dict) and same_settings(have.get("settings"), run_settings(a, task, gate, seed, data, folder)):
-        return have
+        return one_line_per_update(have)
     return None
 
 

@@ -59,17 +59,20 @@ while [[ $# -gt 0 ]]; do
 done
 
 # before anything runs: the packages every section needs, then the GPU
-missing="$("$PY" - <<'PY' 2>/dev/null
+# (one Python start: its last line is "cuda True/False" when every package imports)
+preflight="$("$PY" - <<'PY' 2>/dev/null
 import importlib
+missing = []
 for m in ("torch", "fairseq", "fairseq_cli.train", "hydra", "omegaconf", "bitarray", "sacrebleu"):
     try:
         importlib.import_module(m)
     except Exception as e:  # an import that fails for any reason counts as missing
-        print(f"{m} ({type(e).__name__}: {e})")
+        missing.append(f"{m} ({type(e).__name__}: {e})")
+print("\n".join(missing) if missing else f"cuda {importlib.import_module('torch').cuda.is_available()}")
 PY
 )" || die "$PY could not be run"
-[[ -z "$missing" ]] || die "$PY cannot import: $(echo "$missing" | paste -sd ';' -); install the project first (README), nothing was run"
-[[ "$("$PY" -c 'import torch; print(torch.cuda.is_available())' | tail -n 1)" == True ]] \
+[[ "$(echo "$preflight" | tail -n 1)" == "cuda "* ]] || die "$PY cannot import: $(echo "$preflight" | paste -sd ';' -); install the project first (README), nothing was run"
+[[ "$(echo "$preflight" | tail -n 1)" == "cuda True" ]] \
   || die "no CUDA GPU: torch.cuda.is_available() is False with $PY; the device check needs a GPU machine (nothing was run)"
 
 mkdir -p "$(dirname "$OUT")"

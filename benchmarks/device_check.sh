@@ -71,8 +71,9 @@ for m in ("torch", "fairseq", "fairseq_cli.train", "hydra", "omegaconf", "bitarr
 print("\n".join(missing) if missing else f"cuda {importlib.import_module('torch').cuda.is_available()}")
 PY
 )" || die "$PY could not be run"
-[[ "$(echo "$preflight" | tail -n 1)" == "cuda "* ]] || die "$PY cannot import: $(echo "$preflight" | paste -sd ';' -); install the project first (README), nothing was run"
-[[ "$(echo "$preflight" | tail -n 1)" == "cuda True" ]] \
+cuda="$(echo "$preflight" | tail -n 1)"
+[[ "$cuda" == "cuda "* ]] || die "$PY cannot import: $(echo "$preflight" | paste -sd ';' -); install the project first (README), nothing was run"
+[[ "$cuda" == "cuda True" ]] \
   || die "no CUDA GPU: torch.cuda.is_available() is False with $PY; the device check needs a GPU machine (nothing was run)"
 
 mkdir -p "$(dirname "$OUT")"

@@ -91,13 +91,14 @@ def checking_before_training(trainer_init):
     from ..moe.layer import moe_layers
 
     def init(self, cfg, task, model, criterion, *args, **kwargs):
-        if moe_layers(model):
+        has_moe = bool(moe_layers(model))
+        if has_moe:
             name = next((n for n, c in CRITERION_REGISTRY.items() if type(criterion) is c), None)
             why = refusal_of_criterion(name)
             if why is not None:
                 raise ValueError(why.replace(f"--criterion {name}", f"--criterion {name} (criterion._name={name})", 1))
         trainer_init(self, cfg, task, model, criterion, *args, **kwargs)
-        if moe_layers(model):
+        if has_moe:
             why = missing_restore_file(cfg.checkpoint.restore_file, cfg.checkpoint.save_dir, self.checkpoint_suffix)
             if why is not None:
                 raise ValueError(why)

@@ -58,23 +58,30 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-# before anything runs: the packages every section needs, then the GPU
-# (one Python start: its last line is "cuda True/False" when every package imports)
+# before anything runs: torch and the GPU, then the other packages every section needs (one Python
+# start; its last line is "cuda False" without a GPU, "cuda True" when every package imports)
 preflight="$("$PY" - <<'PY' 2>/dev/null
 import importlib
-missing = []
-for m in ("torch", "fairseq", "fairseq_cli.train", "hydra", "omegaconf", "bitarray", "sacrebleu"):
-    try:
-        importlib.import_module(m)
-    except Exception as e:  # an import that fails for any reason counts as missing
-        missing.append(f"{m} ({type(e).__name__}: {e})")
-print("\n".join(missing) if missing else f"cuda {importlib.import_module('torch').cuda.is_available()}")
+def missing(modules):
+    found = []
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except Exception as e:  # an import that fails for any reason counts as missing
+            found.append(f"{m} ({type(e).__name__}: {e})")
+    return found
+lacking = missing(["torch"])
+if not lacking and not importlib.import_module("torch").cuda.is_available():
+    print("cuda False")  # no GPU: the other packages need not be imported to say so
+else:
+    lacking = lacking or missing(["fairseq", "fairseq_cli.train", "hydra", "omegaconf", "bitarray", "sacrebleu"])
+    print("\n".join(lacking) if lacking else "cuda True")
 PY
 )" || die "$PY could not be run"
 cuda="$(echo "$preflight" | tail -n 1)"
-[[ "$cuda" == "cuda "* ]] || die "$PY cannot import: $(echo "$preflight" | paste -sd ';' -); install the project first (README), nothing was run"
-[[ "$cuda" == "cuda True" ]] \
+[[ "$cuda" != "cuda False" ]] \
   || die "no CUDA GPU: torch.cuda.is_available() is False with $PY; the device check needs a GPU machine (nothing was run)"
+[[ "$cuda" == "cuda True" ]] || die "$PY cannot import: $(echo "$preflight" | paste -sd ';' -); install the project first (README), nothing was run"
 
 mkdir -p "$(dirname "$OUT")"
 OUT="$(cd "$(dirname "$OUT")" && pwd)/$(basename "$OUT")"

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -34,10 +33,12 @@ def test_refuses_at_once_without_a_gpu(tmp_path):
 
 
 def test_refuses_at_once_without_its_packages(tmp_path):
-    """A Python without fairseq (a bare GPU machine): the check names what it cannot import."""
+    """A Python without fairseq (a bare GPU machine, its GPU faked here): the check names what it
+    cannot import."""
     bare = tmp_path / "bin" / "python3"
     bare.parent.mkdir()
-    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.modules[\"fairseq\"] = None; "
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys, torch; sys.modules[\"fairseq\"] = None; "
+                    "torch.cuda.is_available = lambda: True; "
                     f"exec(compile(sys.stdin.read(), \"-\", \"exec\"))' \"$@\"\n")
     bare.chmod(0o755)
     out = tmp_path / "report.md"

@@ -3,11 +3,14 @@ and a helper that runs the real fairseq command-line tools with `--user-dir fair
 
 import gzip
 import itertools
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 from filelock import FileLock
@@ -149,6 +152,56 @@ def lm_data(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "wikitext2", build) / "bin"
 
 
+# a tiny run, with --user-dir given as the relative path a user types (run_cli runs in the repository)
+TINY_RUN = ["--user-dir", "fairseq_evomoe", "--cpu", "--seed", "1", "--optimizer", "adam", "--lr", "2e-3",
+            "--num-workers", "0", "--max-update", "2", "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1"]
+TINY_LM_DATA = ["--sample-break-mode", "eos", "--tokens-per-sample", "128", "--max-tokens", "1024"]
+
+
+def trained_once(tmp_path_factory, name: str, train_args) -> Tuple[Path, subprocess.CompletedProcess]:
+    """(save dir, fairseq-train's output) of `fairseq-train *train_args(save_dir)`, run once per test
+    run (built_once); the tests that share it read it and copy it before changing anything."""
+    def build(folder):
+        proc = run_cli("fairseq-train", *train_args(folder / "ckpt"))
+        (folder / "train.out").write_text(proc.stdout + "\n" + proc.stderr)
+    folder = built_once(tmp_path_factory, name, build)
+    return folder / "ckpt", subprocess.CompletedProcess([], 0, stdout=(folder / "train.out").read_text(), stderr="")
+
+
+@pytest.fixture(scope="session")
+def tiny_mt_checkpoint(mt_data, tmp_path_factory):
+    """(save dir, training output) of transformer_moe_tiny (top-1, 4 experts) after 2 updates on
+    Multi30k, for the tests that need a trained translation checkpoint and its log. It validates with
+    --eval-bleu (fairseq then keeps numpy BLEU counts in the checkpoint) and buckets batches by length
+    (--num-batch-buckets 2, a numpy code path)."""
+    return trained_once(tmp_path_factory, "tiny_mt", lambda save: [
+        mt_data, *TINY_RUN, "--task", "translation", "--arch", "transformer_moe_tiny", "--save-dir", save,
+        "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--max-tokens", "1500",
+        "--num-batch-buckets", "2", "--validate-interval-updates", "2", "--eval-bleu",
+        "--eval-bleu-args", '{"beam": 1, "max_len_b": 5}'])
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_checkpoint(lm_data, tmp_path_factory):
+    """(save dir, training output) of transformer_lm_moe_tiny (top-1, 4 experts) after 2 updates on
+    WikiText-2, one sentence per sample (TINY_LM_DATA)."""
+    return trained_once(tmp_path_factory, "tiny_lm", lambda save: [
+        lm_data, *TINY_RUN, "--task", "language_modeling", "--arch", "transformer_lm_moe_tiny", "--save-dir", save,
+        "--criterion", "moe_cross_entropy", *TINY_LM_DATA, "--disable-validation"])
+
+
+@pytest.fixture(scope="session")
+def roberta_evomoe_pretrained(lm_data, tmp_path_factory):
+    """(save dir, training output) of roberta_evomoe_tiny pre-trained through every phase (spawn at
+    4, soft to 10, top-1 to 14), for the GLUE and fine-tuning tests."""
+    return trained_once(tmp_path_factory, "roberta_evomoe", lambda save: [
+        lm_data, "--user-dir", USER_DIR, "--task", "evomoe_masked_lm", "--arch", "roberta_evomoe_tiny",
+        "--criterion", "moe_masked_lm", "--tokens-per-sample", "64", "--max-tokens", "1024", "--moe-capacity-factor", "0",
+        "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "6", "--optimizer", "adam", "--lr", "2e-3",
+        "--max-update", "14", "--save-dir", save, "--cpu", "--seed", "1", "--num-workers", "0", "--disable-validation",
+        "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1"])
+
+
 def json_logs(proc: subprocess.CompletedProcess, tag: str = "train_inner"):
     """The metric dicts fairseq printed with `--log-format json` for one log tag
     (`train_inner`, `train`, `valid`), values as floats where they parse."""
@@ -162,6 +215,35 @@ def json_logs(proc: subprocess.CompletedProcess, tag: str = "train_inner"):
         row = json.loads(line[line.index("{"):])
         rows.append({k: _num(v) for k, v in row.items()})
     return rows
+
+
+def eval_lm_perplexity(proc: subprocess.CompletedProcess, data_dir: Path) -> float:
+    """The perplexity fairseq-eval-lm printed, checked to be finite and below the vocabulary size
+    (the perplexity of a uniform guess) of the dictionary in `data_dir`."""
+    found = re.findall(r"Perplexity: (\S+)", proc.stdout + proc.stderr)
+    assert found, f"fairseq-eval-lm printed no perplexity:\n{(proc.stdout + proc.stderr)[-2000:]}"
+    ppl = float(found[-1])
+    vocab = 4 + sum(1 for _ in open(data_dir / "dict.txt", encoding="utf-8"))  # with fairseq's 4 special symbols
+    assert math.isfinite(ppl) and 1 < ppl < vocab, (ppl, vocab)
+    return ppl
+
+
+def translate_test_set(mt_data: Path, checkpoint, *extra, sentences: int = 100):
+    """fairseq-generate (beam 2, at most 20 target tokens) of the test split of `mt_data` (100
+    sentences) with `checkpoint`: its output and its hypotheses (H- lines, in sentence order), checked
+    to be one for each of the `sentences` source lines and mostly non-empty, and BLEU printed.
+    --required-batch-size-multiple 1: with fairseq's default 8, batch_by_size drops the last batch
+    when its size is not a multiple of 8 (here the 4 longest sentences), as in fairseq issue 5036."""
+    gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", checkpoint, "--cpu",
+                  "--gen-subset", "test", "--beam", "2", "--max-tokens", "2000", "--max-len-b", "20",
+                  "--required-batch-size-multiple", "1", *extra)
+    lines = gen.stdout.splitlines()
+    sources = [line for line in lines if line.startswith("S-")]
+    hyps = {int(line.split("\t")[0][2:]): (line.split("\t") + [""])[2] for line in lines if line.startswith("H-")}
+    assert len(sources) == len(hyps) == sentences, (len(sources), len(hyps), gen.stdout[-2000:])
+    assert sum(1 for h in hyps.values() if h.strip()) >= 0.9 * sentences, gen.stdout[-2000:]
+    assert "BLEU4" in gen.stdout + gen.stderr
+    return gen, [hyps[i] for i in sorted(hyps)]
 
 
 def _num(v):

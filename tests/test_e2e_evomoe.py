@@ -2,13 +2,12 @@
 generation from the final checkpoint, and bit-exact resume across the phase boundaries."""
 
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 import fairseq_evomoe  # noqa: F401  (allowlists fairseq's checkpoint types for torch.load)
-from conftest import USER_DIR, built_once, json_logs, run_cli
+from conftest import USER_DIR, eval_lm_perplexity, json_logs, run_cli, trained_once, translate_test_set
 
 pytestmark = pytest.mark.slow  # every test trains with fairseq-train
 
@@ -29,14 +28,9 @@ def lm_args(lm_data, save, *extra):
 @pytest.fixture(scope="session")
 def every_phase_lm(lm_data, tmp_path_factory):
     """(checkpoint folder, training output) of one LM run through every phase, 16 updates with a
-    checkpoint at each; built once per test run for the phase test and the resume test."""
-    def build(folder):
-        proc = run_cli("fairseq-train", *lm_args(lm_data, folder / "ckpt", "--max-update", "16",
-                                                 "--save-interval-updates", "1", "--disable-validation"))
-        (folder / "train.out").write_text(proc.stdout + "\n" + proc.stderr)
-    folder = built_once(tmp_path_factory, "evomoe_every_phase_lm", build)
-    out = (folder / "train.out").read_text()
-    return folder / "ckpt", subprocess.CompletedProcess([], 0, stdout=out, stderr="")
+    checkpoint at each; built once per test run for the phase, switch and resume tests."""
+    return trained_once(tmp_path_factory, "evomoe_every_phase_lm", lambda save: lm_args(
+        lm_data, save, "--max-update", "16", "--save-interval-updates", "1", "--disable-validation"))
 
 
 def test_language_model_runs_every_phase(lm_data, every_phase_lm):
@@ -68,7 +62,7 @@ def test_language_model_runs_every_phase(lm_data, every_phase_lm):
 
     ev = run_cli("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
                  "--cpu", "--tokens-per-sample", "64", "--max-tokens", "2048", "--gen-subset", "valid")
-    assert "Perplexity" in ev.stdout + ev.stderr
+    eval_lm_perplexity(ev, lm_data)
 
 
 def test_translation_runs_every_phase_and_generates(mt_data, tmp_path):
@@ -81,9 +75,7 @@ def test_translation_runs_every_phase_and_generates(mt_data, tmp_path):
     assert max(r["moe_experts_per_token"] for r in rows) > 3.5
     valid = json_logs(proc, "valid")
     assert valid and valid[-1]["valid_moe_experts_per_token"] == 1.0  # evaluation is deterministic top-1
-    gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
-                  "--beam", "2", "--max-tokens", "2000", "--cpu", "--gen-subset", "test", "--max-len-b", "20")
-    assert "BLEU4" in gen.stdout + gen.stderr
+    translate_test_set(mt_data, save / "checkpoint_last.pt")
 
 
 def test_dts_gate_without_the_phase_task(lm_data, tmp_path):
@@ -146,11 +138,10 @@ def test_scheduled_sparsity_follows_its_schedule_and_compute_is_counted(lm_data,
     assert [v["valid_moe_expert_compute"] for v in valid] == [rows[8]["moe_expert_compute"], rows[16]["moe_expert_compute"]]
 
 
-def test_the_paper_mode_switch_changes_routing(lm_data, tmp_path):
+def test_the_paper_mode_switch_changes_routing(every_phase_lm):
     """--dts-sparsity threshold (the default): at the switch to top-1 several experts per token
     become one, and the share of tokens whose routing changes is logged."""
-    proc = run_cli("fairseq-train", *lm_args(lm_data, tmp_path / "ckpt", "--max-update", "14", "--disable-validation"))
-    rows = {int(r["num_updates"]): r for r in json_logs(proc)}
+    rows = {int(r["num_updates"]): r for r in json_logs(every_phase_lm[1])}
     assert rows[13]["moe_experts_per_token"] > 1.0 and "moe_switch_changed_pct" not in rows[13]
     assert rows[14]["moe_experts_per_token"] == 1.0 and rows[14]["moe_switch_changed_pct"] > 0.0
 
@@ -189,7 +180,7 @@ def test_upcycling_a_stock_dense_checkpoint(lm_data, tmp_path):
                                        "--criterion", "moe_cross_entropy", "--moe-freq", "1"])
     ev = run_cli("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", evo / "checkpoint_last.pt", "--cpu",
                  "--tokens-per-sample", "64", "--max-tokens", "512", "--gen-subset", "test")
-    assert "Perplexity" in ev.stdout + ev.stderr
+    eval_lm_perplexity(ev, lm_data)
 
 
 def test_upcycling_a_stock_dense_translation_checkpoint(mt_data, tmp_path):
@@ -205,6 +196,4 @@ def test_upcycling_a_stock_dense_translation_checkpoint(mt_data, tmp_path):
                                                        "--criterion", "label_smoothed_cross_entropy"],
                                       ["--task", "evomoe_translation", "--arch", "transformer_evomoe_tiny",
                                        "--criterion", "moe_label_smoothed_cross_entropy"])
-    gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", evo / "checkpoint_last.pt",
-                  "--beam", "2", "--max-tokens", "2000", "--cpu", "--gen-subset", "test", "--max-len-b", "20")
-    assert "BLEU4" in gen.stdout + gen.stderr
+    translate_test_set(mt_data, evo / "checkpoint_last.pt")

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, USER_DIR, json_logs, python_for_scripts, run_cli
+from conftest import REPO, USER_DIR, eval_lm_perplexity, json_logs, python_for_scripts, run_cli, translate_test_set
 
 COMMON = ["--user-dir", USER_DIR, "--cpu", "--seed", "1", "--log-format", "json", "--log-interval", "1",
           "--no-epoch-checkpoints", "--optimizer", "adam", "--lr", "2e-3", "--num-workers", "0"]
@@ -37,10 +37,7 @@ def test_translation_train_generate_and_resume(mt_data, tmp_path):
         assert key in row, f"{key} missing from the training log"
     assert row["moe_experts_per_token"] == 1.0
 
-    gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
-                  "--beam", "2", "--max-tokens", "2000", "--cpu", "--gen-subset", "test", "--max-len-b", "20")
-    assert "BLEU4" in gen.stdout + gen.stderr
-    assert sum(1 for line in gen.stdout.splitlines() if line.startswith("H-")) >= 90
+    translate_test_set(mt_data, save / "checkpoint_last.pt")
 
     # resume from the checkpoint and go on to 20 updates
     resumed = run_cli("fairseq-train", *args, "--max-update", "20", "--restore-file", save / "checkpoint_last.pt")
@@ -67,7 +64,7 @@ def test_gpt_language_model_and_eval_lm(lm_data, tmp_path):
     assert 1.0 < json_logs(proc)[-1]["moe_experts_per_token"] <= 2.0
     ev = run_cli("fairseq-eval-lm", lm_data, "--user-dir", USER_DIR, "--path", save / "checkpoint_last.pt",
                  "--cpu", "--tokens-per-sample", "64", "--max-tokens", "2048", "--gen-subset", "valid")
-    assert "Perplexity" in ev.stdout + ev.stderr
+    eval_lm_perplexity(ev, lm_data)
 
 
 @pytest.mark.slow
@@ -81,20 +78,17 @@ def test_roberta_masked_lm(lm_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoints_load_under_weights_only(mt_data, tmp_path):
+def test_checkpoints_load_under_weights_only(tiny_mt_checkpoint):
     """A checkpoint written by fairseq-train loads with torch.load's safe default once the plugin is
     imported, and does not without it (the allowlist is what makes it work). --eval-bleu makes
     fairseq keep numpy arrays (BLEU n-gram counts) in the checkpoint's saved metrics."""
-    save = tmp_path / "ckpt"
-    run_cli("fairseq-train", mt_data, *COMMON, "--task", "translation", "--arch", "transformer_moe_tiny",
-            "--criterion", "moe_label_smoothed_cross_entropy", "--max-tokens", "1500", "--max-update", "2",
-            "--save-dir", save, "--validate-interval-updates", "2", "--eval-bleu",
-            "--eval-bleu-args", '{"beam": 1, "max_len_b": 5}')
-    ckpt = save / "checkpoint_last.pt"
-    code = "import sys, torch; {imp}; s = torch.load(sys.argv[1]); print(sorted(s)[:3])"
+    ckpt = tiny_mt_checkpoint[0] / "checkpoint_last.pt"
+    code = "import sys, torch; {imp}; s = torch.load(sys.argv[1]); print(sorted(s))"
     ok = subprocess.run([python_for_scripts(), "-c", code.format(imp="import fairseq_evomoe"), str(ckpt)],
                         capture_output=True, text=True, cwd=str(REPO))
     assert ok.returncode == 0, ok.stderr[-2000:]
+    keys = ok.stdout.strip().splitlines()[-1]
+    assert all(f"'{k}'" in keys for k in ("cfg", "model", "last_optimizer_state", "extra_state")), keys
     plain = subprocess.run([python_for_scripts(), "-c", code.format(imp="pass"), str(ckpt)], capture_output=True, text=True)
     assert plain.returncode != 0 and "weights_only" in plain.stderr
 

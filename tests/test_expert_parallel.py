@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import REPO, USER_DIR, python_for_scripts, run_cli
+from conftest import REPO, USER_DIR, python_for_scripts, run_cli, translate_test_set
 
 WORLD = 2
 
@@ -427,11 +427,7 @@ def test_cli_two_workers_match_one_process_and_checkpoint_loads_anywhere(mt_data
             torch.testing.assert_close(o2[i][k], o1[i][k], atol=1e-6, rtol=2e-2, msg=f"parameter {i} {k}")
 
     # ... loads in one process and generates
-    gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", two / "checkpoint_last.pt",
-                  "--cpu", "--gen-subset", "test", "--max-tokens", "2000", "--beam", "2", "--max-len-b", "20")
-    hyps = [line for line in gen.stdout.splitlines() if line.startswith("H-")]
-    srcs = [line for line in gen.stdout.splitlines() if line.startswith("S-")]
-    assert len(hyps) == len(srcs) > 50, gen.stdout[-2000:]
+    translate_test_set(mt_data, two / "checkpoint_last.pt")
 
     # ... and resumes, optimizer state and learning-rate schedule included (no --reset-optimizer), in
     # one process or on 2 workers, exactly as the single-process checkpoint does (--reset-dataloader

@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import USER_DIR, json_logs, run_cli
+from conftest import json_logs, run_cli, translate_test_set
 from test_expert_parallel import TRAIN_ARGS, _curve, _load, _spawn, _torchrun
 
 DIST = ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
@@ -66,9 +66,7 @@ def test_dts_phases_run_on_two_workers(mt_data, tmp_path):
     assert [rows[n]["moe_phase"] for n in (1, 2, 3, 6, 7)] == [0, 0, 1, 2, 2]
     assert rows[3]["moe_experts_per_token"] > 2.0  # soft routing: several experts per token, dropless
     assert rows[7]["moe_experts_per_token"] == 1.0
-    gen = run_cli("fairseq-generate", mt_data, "--user-dir", USER_DIR, "--path", tmp_path / "w2" / "checkpoint_last.pt",
-                  "--cpu", "--gen-subset", "test", "--max-tokens", "2000", "--beam", "2", "--max-len-b", "20")
-    assert "BLEU4" in gen.stdout + gen.stderr
+    translate_test_set(mt_data, tmp_path / "w2" / "checkpoint_last.pt")
 
 
 def _check_resume_before_spawn(rank, world):

@@ -14,22 +14,22 @@ COMMON = ["--user-dir", USER_DIR, "--cpu", "--seed", "1", "--log-format", "json"
 FINETUNE = ["--reset-optimizer", "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler"]
 
 
-def test_dts_evomoe_stays_top1_when_fine_tuning_restarts_the_counter(lm_data, tmp_path):
-    """roberta_evomoe_tiny pre-trained through every phase (spawn at 4, soft, top-1 from 10), then
-    trained on with the reset flags from its checkpoint: top-1 from the first update, at tau_min,
-    no second spawn."""
+def test_dts_evomoe_stays_top1_when_fine_tuning_restarts_the_counter(lm_data, roberta_evomoe_pretrained, tmp_path):
+    """roberta_evomoe_tiny pre-trained through every phase (spawn at 4, soft, top-1 from 10; tau_min
+    0.5), then trained on with the reset flags from its checkpoint: top-1 from the first update, at
+    tau_min, no second spawn."""
+    pre, pre_proc = roberta_evomoe_pretrained
+    rows = json_logs(pre_proc)
+    assert rows[-1]["moe_phase"] == 2 and rows[-1]["moe_experts_per_token"] == 1.0
     mlm = [lm_data, *COMMON, "--task", "evomoe_masked_lm", "--arch", "roberta_evomoe_tiny", "--criterion",
            "moe_masked_lm", "--tokens-per-sample", "64", "--max-tokens", "1024", "--moe-capacity-factor", "0",
-           "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "6", "--dts-tau-min", "0.1"]
-    pre = tmp_path / "pre"
-    rows = json_logs(run_cli("fairseq-train", *mlm, "--max-update", "14", "--save-dir", pre))
-    assert rows[-1]["moe_phase"] == 2 and rows[-1]["moe_experts_per_token"] == 1.0
+           "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "6"]
     tuned = run_cli("fairseq-train", *mlm, *FINETUNE, "--max-update", "5", "--save-dir", tmp_path / "tuned",
                     "--restore-file", pre / "checkpoint_last.pt")
     rows = json_logs(tuned)
     assert [int(r["num_updates"]) for r in rows] == [1, 2, 3, 4, 5]  # the counter restarted
     assert all(r["moe_phase"] == 2 and r["moe_experts_per_token"] == 1.0 for r in rows)
-    assert all(r["moe_temperature"] == pytest.approx(0.1) for r in rows)
+    assert all(r["moe_temperature"] == pytest.approx(0.5) for r in rows)
     assert "EvoMoE: spawned" not in tuned.stdout + tuned.stderr
 
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, USER_DIR, built_once, python_for_scripts, run_cli, script_env
+from conftest import REPO, built_once, python_for_scripts, script_env
 
 pytestmark = pytest.mark.slow  # every test trains with fairseq-train
 
@@ -23,15 +23,9 @@ def run_script(*args, cwd=None):
 
 
 @pytest.fixture(scope="session")
-def pretrained(lm_data, tmp_path_factory):
+def pretrained(roberta_evomoe_pretrained):
     """roberta_evomoe_tiny pre-trained through every phase: spawn at 4, soft to 10, top-1 to 14."""
-    def build(save):
-        run_cli("fairseq-train", lm_data, "--user-dir", USER_DIR, "--task", "evomoe_masked_lm", "--arch",
-                "roberta_evomoe_tiny", "--criterion", "moe_masked_lm", "--tokens-per-sample", "64", "--max-tokens", "1024",
-                "--moe-capacity-factor", "0", "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "6",
-                "--optimizer", "adam", "--lr", "2e-3", "--max-update", "14", "--save-dir", save, "--cpu", "--seed", "1",
-                "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints")
-    return built_once(tmp_path_factory, "glue_pre", build) / "checkpoint_last.pt"
+    return roberta_evomoe_pretrained[0] / "checkpoint_last.pt"
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +97,8 @@ def test_cola_prints_matthews_correlation(pretrained, glue_bin, tmp_path):
     proc = finetune("CoLA", pretrained, glue_bin / "CoLA-bin", tmp_path / "ft", 3)
     assert proc.stdout.strip().splitlines()[-1].startswith("CoLA dev: mcc ")
     metrics = json.loads((tmp_path / "ft" / "dev_metrics.json").read_text())
-    assert set(metrics) == {"mcc", "acc", "examples"} and -100 <= metrics["mcc"] <= 100
+    assert set(metrics) == {"mcc", "acc", "examples"} and metrics["examples"] == 100
+    assert -100 <= metrics["mcc"] <= 100 and 0 <= metrics["acc"] <= 100
 
 
 def test_glue_scripts_reject_bad_input(lm_data, tmp_path):

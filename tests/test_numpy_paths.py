@@ -18,10 +18,7 @@ import pytest
 import torch
 from fairseq.data import Dictionary, LanguagePairDataset, TokenBlockDataset
 
-from conftest import USER_DIR, json_logs, run_cli
-
-COMMON = ["--user-dir", USER_DIR, "--cpu", "--seed", "1", "--log-format", "json", "--log-interval", "1",
-          "--no-epoch-checkpoints", "--optimizer", "adam", "--lr", "2e-3", "--num-workers", "0"]
+from conftest import json_logs
 
 WORDS = "the cat sat on a mat and then it ran off to see what the dog did next".split()
 
@@ -124,12 +121,10 @@ def test_language_pair_dataset_num_buckets():
 
 
 @pytest.mark.slow
-def test_lm_sample_break_mode_eos_and_hub_score(lm_data, tmp_path):
-    """fairseq-train --sample-break-mode eos, then the trained LM through the hub interface: .score()."""
-    save = tmp_path / "ckpt"
-    proc = run_cli("fairseq-train", lm_data, *COMMON, "--task", "language_modeling", "--arch", "transformer_lm_moe_tiny",
-                   "--sample-break-mode", "eos", "--criterion", "moe_cross_entropy", "--tokens-per-sample", "128",
-                   "--max-tokens", "1024", "--max-update", "2", "--save-dir", save, "--disable-validation")
+def test_lm_sample_break_mode_eos_and_hub_score(lm_data, tiny_lm_checkpoint):
+    """fairseq-train --sample-break-mode eos (tiny_lm_checkpoint), then the trained LM through the hub
+    interface: .score()."""
+    save, proc = tiny_lm_checkpoint
     rows = json_logs(proc)
     assert [r["num_updates"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows)
@@ -152,11 +147,9 @@ def test_lm_sample_break_mode_eos_and_hub_score(lm_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_translation_num_batch_buckets(mt_data, tmp_path):
-    proc = run_cli("fairseq-train", mt_data, *COMMON, "--task", "translation", "--arch", "transformer_moe_tiny",
-                   "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-                   "--max-tokens", "1500", "--num-batch-buckets", "2", "--max-update", "2",
-                   "--save-dir", tmp_path / "ckpt", "--disable-validation")
+def test_translation_num_batch_buckets(tiny_mt_checkpoint):
+    """fairseq-train --num-batch-buckets 2 (tiny_mt_checkpoint) buckets both sides and trains."""
+    proc = tiny_mt_checkpoint[1]
     text = proc.stdout + proc.stderr
     assert "bucketing source lengths" in text and "bucketing target lengths" in text
     rows = json_logs(proc)

@@ -7,22 +7,17 @@ import subprocess
 
 import pytest
 
-from conftest import python_for_scripts, run_cli
+from conftest import python_for_scripts
 
-pytestmark = pytest.mark.slow  # trains with fairseq-train
-
-COMMON = ["--user-dir", "fairseq_evomoe", "--cpu", "--seed", "1", "--optimizer", "adam", "--lr", "2e-3",
-          "--num-workers", "0", "--max-update", "2", "--disable-validation", "--no-epoch-checkpoints"]
+pytestmark = pytest.mark.slow  # the checkpoints come from fairseq-train (tiny_lm_checkpoint, tiny_mt_checkpoint)
 
 
 def in_other_dir(code: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([python_for_scripts(), "-c", code], capture_output=True, text=True, cwd=str(cwd))
 
 
-def test_language_model_score_and_sample(lm_data, tmp_path):
-    save = tmp_path / "lm"
-    run_cli("fairseq-train", lm_data, *COMMON, "--task", "language_modeling", "--arch", "transformer_lm_moe_tiny",
-            "--criterion", "moe_cross_entropy", "--tokens-per-sample", "64", "--max-tokens", "512", "--save-dir", save)
+def test_language_model_score_and_sample(lm_data, tiny_lm_checkpoint, tmp_path):
+    save = tiny_lm_checkpoint[0]
     code = f"""
 import json, math, fairseq_evomoe
 from fairseq.models.transformer_lm import TransformerLanguageModel
@@ -40,10 +35,8 @@ print(json.dumps({{"scores": scores, "sample": sample}}))
     assert out["sample"].startswith("the city") and len(out["sample"].split()) > 2
 
 
-def test_translation_model_translates(mt_data, tmp_path):
-    save = tmp_path / "mt"
-    run_cli("fairseq-train", mt_data, *COMMON, "--task", "translation", "--arch", "transformer_moe_tiny",
-            "--criterion", "moe_label_smoothed_cross_entropy", "--max-tokens", "1500", "--save-dir", save)
+def test_translation_model_translates(mt_data, tiny_mt_checkpoint, tmp_path):
+    save = tiny_mt_checkpoint[0]
     code = f"""
 import fairseq_evomoe
 from fairseq.models.transformer import TransformerModel
@@ -52,7 +45,5 @@ print(repr(mt.translate("ein mann fährt fahrrad .", beam=2, max_len_b=10)))
 """
     proc = in_other_dir(code, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1].startswith("'")
-    # without the plugin imported, torch's safe loader refuses the checkpoint's config types
-    bare = in_other_dir(code.replace("import fairseq_evomoe\n", ""), tmp_path)
-    assert bare.returncode != 0 and "weights_only" in bare.stderr
+    translation = proc.stdout.strip().splitlines()[-1]
+    assert translation.startswith("'") and len(translation) > 2, translation  # a non-empty string

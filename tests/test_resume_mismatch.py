@@ -4,6 +4,7 @@ this run's, before any weight is copied; compatible checkpoints keep loading. In
 built from the command line, plus one fairseq-train resume end to end."""
 
 import hashlib
+import shutil
 
 import pytest
 import torch
@@ -238,21 +239,20 @@ def _fingerprint(path):
 
 
 @pytest.mark.slow
-def test_cli_resume_with_another_expert_count_fails_before_training(lm_data, tmp_path):
-    from conftest import USER_DIR, run_cli
+def test_cli_resume_with_another_expert_count_fails_before_training(lm_data, tiny_lm_checkpoint, tmp_path):
+    """A checkpoint of 4 experts (tiny_lm_checkpoint, copied) resumed with --moe-expert-count 8: refused
+    before training, the checkpoint and its folder untouched."""
+    from conftest import TINY_LM_DATA, TINY_RUN, run_cli
 
     save = tmp_path / "ckpt"
-    common = [lm_data, "--user-dir", USER_DIR, "--cpu", "--seed", "1", "--log-format", "json", "--log-interval", "1",
-              "--no-epoch-checkpoints", "--optimizer", "adam", "--lr", "2e-3", "--num-workers", "0",
-              "--task", "language_modeling", "--arch", "transformer_lm_moe_tiny", "--criterion", "moe_cross_entropy",
-              "--tokens-per-sample", "64", "--max-tokens", "512", "--save-dir", save, "--disable-validation"]
-    run_cli("fairseq-train", *common, "--max-update", "2", "--moe-expert-count", "4")
+    shutil.copytree(tiny_lm_checkpoint[0], save)
     ckpt = save / "checkpoint_last.pt"
     saved_files = sorted(p.name for p in save.iterdir())
     before = _fingerprint(ckpt)
 
-    proc = run_cli("fairseq-train", *common, "--max-update", "4", "--moe-expert-count", "8",
-                   "--restore-file", ckpt, check=False)
+    proc = run_cli("fairseq-train", lm_data, *TINY_RUN, "--task", "language_modeling", "--arch", "transformer_lm_moe_tiny",
+                   "--criterion", "moe_cross_entropy", *TINY_LM_DATA, "--save-dir", save, "--disable-validation",
+                   "--max-update", "4", "--moe-expert-count", "8", "--restore-file", ckpt, check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "--moe-expert-count: the checkpoint has 4 experts in each MoE layer; this run asked for 8" in text, text[-4000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, USER_DIR, built_once, python_for_scripts, run_cli, script_env, shared_data_dir, tool_path
+from conftest import REPO, built_once, python_for_scripts, script_env, shared_data_dir, tool_path
 
 SCRIPTS = REPO / "scripts"
 BENCHMARKS = REPO / "benchmarks"  # the comparison harness and benchmarks
@@ -144,14 +144,9 @@ def test_move_aside_keeps_what_an_earlier_run_saved(tmp_path):
 # ---------------------------------------------------------------------------------------- evaluation
 
 @pytest.mark.slow
-def test_evaluate_translation_bleu(mt_data, tmp_path):
+def test_evaluate_translation_bleu(mt_data, tiny_mt_checkpoint, tmp_path):
     """fairseq-generate (beam 5) + sacrebleu on a tiny Multi30k model (whitespace tokens: --post-process none)."""
-    ckpt = tmp_path / "ckpt"
-    run_cli("fairseq-train", mt_data, "--user-dir", USER_DIR, "--task", "translation", "-s", "de", "-t", "en",
-            "--arch", "transformer_moe_tiny", "--share-all-embeddings", "--moe-expert-count", "2",
-            "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1", "--optimizer", "adam",
-            "--lr", "0.003", "--max-tokens", "1024", "--max-update", "4", "--cpu", "--save-dir", ckpt,
-            "--no-epoch-checkpoints", "--disable-validation", "--num-workers", "0")
+    ckpt = tiny_mt_checkpoint[0]
     ref = shared_data_dir() / "multi30k" / "test_2016_flickr.en"
     proc = sh("evaluate_translation.sh", "--data-bin", mt_data, "--checkpoint", ckpt / "checkpoint_last.pt",
               "--task", "translation", "--post-process", "none", "--ref", ref, "--max-len-a", "1", "--max-len-b", "5", "--out-dir", tmp_path / "ev")

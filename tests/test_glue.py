@@ -7,6 +7,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from conftest import REPO, built_once, python_for_scripts, script_env
 
@@ -91,6 +92,12 @@ print(json.dumps({{"f1": 100 * f1_score(gold, preds, pos_label="1"), "acc": acc,
     api = json.loads(out.stdout.strip().splitlines()[-1])
     assert api["n"] == metrics["examples"] == 100
     assert api["f1"] == pytest.approx(metrics["f1"]) and api["acc"] == pytest.approx(metrics["acc"])
+    # the fine-tuning run stores that it restored spawned experts, so the head also loads where the
+    # pre-trained checkpoint is gone (tests/test_restored_checkpoint.py)
+    import fairseq_evomoe  # noqa: F401  (allowlists fairseq's checkpoint types)
+
+    stored = torch.load(tmp_path / "ft" / "checkpoint_best.pt", map_location="cpu")["cfg"]["model"]
+    assert stored.evomoe_restores_spawned_experts and stored.max_update < stored.evomoe_diversify_updates
 
 
 def test_cola_prints_matthews_correlation(pretrained, glue_bin, tmp_path):

@@ -2,10 +2,13 @@
 a run whose --max-update is at or below --evomoe-diversify-updates is allowed only then."""
 
 import argparse
+from types import SimpleNamespace
 
+import pytest
 import torch
 
-from fairseq_evomoe.models.model_checks import experts_spawned_in, restored_checkpoint
+from fairseq_evomoe.models.model_checks import check_model_against_task, experts_spawned_in, restored_checkpoint
+from moe_helpers import moe_args
 
 
 def _ckpt(path, *flags):
@@ -33,3 +36,18 @@ def test_spawned_only_when_every_layer_is(tmp_path):
     assert not experts_spawned_in(_ckpt(tmp_path / "c.pt"))  # no EvoMoE layer
     (tmp_path / "d.pt").write_text("not a checkpoint")
     assert not experts_spawned_in(str(tmp_path / "d.pt"))
+
+
+def test_a_fine_tuned_checkpoint_loads_without_the_one_it_was_tuned_from(tmp_path):
+    """The options stored in a checkpoint fine-tuned (a GLUE task) for fewer updates than
+    --evomoe-diversify-updates from a spawned checkpoint build the model where that checkpoint is
+    gone (generation, the hub, another machine): the fine-tuning run recorded that it restored
+    spawned experts. Without the record, nothing says the experts were ever spawned."""
+    stored = dict(evomoe_diversify_updates=4, max_update=3, restore_file=str(tmp_path / "moved_away.pt"),
+                  save_dir=str(tmp_path))
+    sentence_prediction = SimpleNamespace(drives_evomoe_phases=False)
+    args = moe_args(**stored, evomoe_restores_spawned_experts=True)
+    check_model_against_task(args, sentence_prediction)
+    assert args.evomoe_restores_spawned_experts
+    with pytest.raises(ValueError, match=r"--evomoe-diversify-updates \(4\) must be below --max-update \(3\)"):
+        check_model_against_task(moe_args(**stored), sentence_prediction)

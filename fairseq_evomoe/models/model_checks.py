@@ -138,10 +138,11 @@ def check_model_against_task(args, task) -> None:
     # read by the layers (DiversifyPlan.plain_task): they spawn on their own, outside the optimizer
     args.evomoe_plain_task = type(task).__name__ if plain_task else None
     if (never_spawned or plain_task) and not getattr(args, "moe_rerun_schedules", False):
-        restored = restored_checkpoint(args)
-        if restored is not None and experts_spawned_in(restored):
-            # fine-tuning a model whose experts exist already: the diversify phase is over for good,
-            # whatever the task and --max-update (the phase schedule is in the checkpoint)
+        # fine-tuning a model whose experts exist already: the diversify phase is over for good,
+        # whatever the task and --max-update (the phase schedule is in the checkpoint). The flag is
+        # stored with the options of a checkpoint whose run found so, so that loading it later
+        # (generation, the hub, on another machine) does not need the checkpoint it was tuned from.
+        if getattr(args, "evomoe_restores_spawned_experts", False) or experts_spawned_in(restored_checkpoint(args)):
             args.evomoe_restores_spawned_experts = True
             return
     if plain_task:
@@ -212,9 +213,11 @@ def restored_checkpoint(args) -> Optional[str]:
     return finetune if finetune and os.path.isfile(finetune) else None
 
 
-def experts_spawned_in(path: str) -> bool:
+def experts_spawned_in(path: Optional[str]) -> bool:
     """Whether every EvoMoE layer in the checkpoint at `path` has spawned its experts (its `spawned`
-    buffers); False for a checkpoint without EvoMoE layers or one that cannot be read."""
+    buffers); False for no path, a checkpoint without EvoMoE layers or one that cannot be read."""
+    if path is None:
+        return False
     try:
         state = torch.load(path, map_location="cpu", mmap=True)
     except Exception:  # an unreadable file is fairseq's to report when it loads it

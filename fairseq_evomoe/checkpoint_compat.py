@@ -42,12 +42,16 @@ def fairseq_checkpoint_types() -> list:
     ]
     # numpy scalars (e.g. the best validation loss) pickle as numpy._core.multiarray.scalar + dtype
     # classes; numpy arrays (e.g. the BLEU n-gram counts that --eval-bleu keeps in the saved
-    # metrics) as numpy._core.multiarray._reconstruct + ndarray
+    # metrics) as numpy._core.multiarray._reconstruct + ndarray. numpy < 2 names the module
+    # numpy.core.multiarray: both names are allowed, so a checkpoint loads under either version.
     try:
         from numpy._core import multiarray
-    except ImportError:  # numpy < 2
+    except ImportError:  # numpy < 1.26
         from numpy.core import multiarray
-    types.extend([getattr(multiarray, "scalar", None), multiarray._reconstruct, np.ndarray])
+    for name in ("scalar", "_reconstruct"):
+        obj = getattr(multiarray, name, None)
+        types.extend((obj, f"{module}.{name}") for module in ("numpy.core.multiarray", "numpy._core.multiarray") if obj)
+    types.append(np.ndarray)
     types.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
     # with several workers, rank 0 loads the checkpoint and fairseq broadcasts it to the others as a
     # torch.save'd buffer in which every tensor is replaced by this placeholder

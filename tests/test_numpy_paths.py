@@ -155,3 +155,27 @@ def test_translation_num_batch_buckets(tiny_mt_checkpoint):
     rows = json_logs(proc)
     assert [r["num_updates"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_numpy_values_in_a_checkpoint_load_whichever_numpy_pickled_them(tmp_path):
+    """A checkpoint's numpy values (the best validation loss, --eval-bleu's n-gram counts) load under
+    torch's weights_only default whether numpy 1 (numpy.core.multiarray) or numpy 2
+    (numpy._core.multiarray) pickled them."""
+    import zipfile
+
+    import fairseq_evomoe  # noqa: F401  (allowlists fairseq's checkpoint types)
+
+    saved = tmp_path / "saved.pt"
+    torch.save({"best_loss": np.float64(4.25), "counts": np.arange(4)}, saved)
+    for module in (b"numpy.core.multiarray", b"numpy._core.multiarray"):
+        renamed = tmp_path / f"{module.decode()}.pt"
+        with zipfile.ZipFile(saved) as src, zipfile.ZipFile(renamed, "w") as dst:
+            for item in src.infolist():
+                data = src.read(item)
+                if item.filename.endswith("data.pkl"):  # protocol 2: GLOBAL "module\nname\n"
+                    data = data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+                    data = data.replace(b"numpy.core.multiarray\n", module + b"\n")
+                    assert module + b"\nscalar\n" in data and module + b"\n_reconstruct\n" in data
+                dst.writestr(item, data)
+        state = torch.load(renamed)
+        assert state["best_loss"] == 4.25 and state["counts"].tolist() == [0, 1, 2, 3]

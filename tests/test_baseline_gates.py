@@ -271,3 +271,21 @@ def test_top2_random_keeps_the_runner_up_with_twice_its_normalised_weight():
     gate.eval()
     with torch.no_grad():
         assert gate(x).valid is None  # evaluation takes the runner-up
+
+
+def test_libbase_missing_is_refused_before_training_not_at_load(monkeypatch):
+    """--base-solver libbase where fairseq's libbase extension is not built: the model builds, so a
+    checkpoint loads for evaluation (which routes by argmax, never calling the solver), and
+    fairseq's Trainer is refused before it starts."""
+    from types import SimpleNamespace
+
+    from fairseq_evomoe.models.model_checks import checking_before_training
+
+    monkeypatch.setattr(base_mod, "libbase", None)
+    model = torch.nn.Sequential(make_layer("base", base_solver="libbase"))
+    assert model.eval()(torch.randn(5, 2, 16)).shape == (5, 2, 16)  # evaluation runs without the solver
+    started = []
+    init = checking_before_training(lambda self, cfg, task, model, criterion: started.append(True))
+    with pytest.raises(ValueError, match=r"--base-solver libbase needs fairseq's C\+\+ extension .*use --base-solver auction"):
+        init(SimpleNamespace(checkpoint_suffix=""), SimpleNamespace(), None, model, object())
+    assert not started

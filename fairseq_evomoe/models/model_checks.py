@@ -84,19 +84,23 @@ def refusal_of_criterion(name) -> Optional[str]:
 
 def checking_before_training(trainer_init):
     """fairseq's Trainer.__init__(cfg, task, model, criterion, ...), refusing, for a model with MoE
-    layers, a registered criterion that does not add their losses and a --restore-file that names
-    no file (patches.py)."""
+    layers, a registered criterion that does not add their losses, a gate that cannot train here
+    (Gate.training_refusal) and a --restore-file that names no file (patches.py)."""
     from fairseq.criterions import CRITERION_REGISTRY
 
     from ..moe.layer import moe_layers
 
     def init(self, cfg, task, model, criterion, *args, **kwargs):
-        has_moe = bool(moe_layers(model))
+        layers = moe_layers(model)
+        has_moe = bool(layers)
         if has_moe:
             name = next((n for n, c in CRITERION_REGISTRY.items() if type(criterion) is c), None)
             why = refusal_of_criterion(name)
             if why is not None:
                 raise ValueError(why.replace(f"--criterion {name}", f"--criterion {name} (criterion._name={name})", 1))
+            why = next(filter(None, (layer.gate.training_refusal() for layer in layers)), None)
+            if why is not None:
+                raise ValueError(why)
         trainer_init(self, cfg, task, model, criterion, *args, **kwargs)
         if has_moe:
             why = missing_restore_file(cfg.checkpoint.restore_file, cfg.checkpoint.save_dir, self.checkpoint_suffix)

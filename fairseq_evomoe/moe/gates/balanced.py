@@ -128,9 +128,13 @@ class BaseLayerGate(RouterGate):
         self.solver = getattr(args, "base_solver", "auction")
         if self.solver not in SOLVERS:
             raise ValueError(f"--base-solver {self.solver!r} is not valid; choose one of: {', '.join(SOLVERS)}")
+
+    def training_refusal(self) -> Optional[str]:
+        # evaluation routes by argmax and never calls the solver, so a checkpoint loads without libbase
         if self.solver == "libbase" and libbase is None:
-            raise ValueError("--base-solver libbase needs fairseq's C++ extension fairseq.libbase, which is not "
-                             "importable here; use --base-solver auction")
+            return ("--base-solver libbase needs fairseq's C++ extension fairseq.libbase, which is not importable "
+                    "here; use --base-solver auction")
+        return None
 
     def forward(self, x: Tensor, token_ids=None, valid=None) -> Routing:
         affinity = self.router(x)  # [S, E] fp32

@@ -116,6 +116,11 @@ class Gate(nn.Module):
         """Scalars about the gate's schedule (temperature, stage...) for the criterion's log."""
         return {}
 
+    def training_refusal(self) -> Optional[str]:
+        """Why the gate cannot train here (checked before training, not when a checkpoint is loaded
+        for evaluation, which may run elsewhere), or None."""
+        return None
+
     def routes_dense_to_sparse(self) -> bool:
         """Whether the gate is in a dense-to-sparse (soft) routing phase now, where the criterion
         weights its balance loss by --moe-soft-gate-loss-wt: only the DTS gate has one."""

@@ -4,7 +4,7 @@ layer stays spawned, a DTS gate that reached top-1 stays top-1, StableMoE stays 
 
 import pytest
 
-from conftest import USER_DIR, json_logs, run_cli
+from conftest import ROBERTA_EVOMOE, USER_DIR, json_logs, run_cli
 
 pytestmark = pytest.mark.slow  # every test trains with fairseq-train
 
@@ -21,10 +21,7 @@ def test_dts_evomoe_stays_top1_when_fine_tuning_restarts_the_counter(lm_data, ro
     pre, pre_proc = roberta_evomoe_pretrained
     rows = json_logs(pre_proc)
     assert rows[-1]["moe_phase"] == 2 and rows[-1]["moe_experts_per_token"] == 1.0
-    mlm = [lm_data, *COMMON, "--task", "evomoe_masked_lm", "--arch", "roberta_evomoe_tiny", "--criterion",
-           "moe_masked_lm", "--tokens-per-sample", "64", "--max-tokens", "1024", "--moe-capacity-factor", "0",
-           "--evomoe-diversify-updates", "4", "--dts-anneal-updates", "6"]
-    tuned = run_cli("fairseq-train", *mlm, *FINETUNE, "--max-update", "5", "--save-dir", tmp_path / "tuned",
+    tuned = run_cli("fairseq-train", lm_data, *COMMON, *ROBERTA_EVOMOE, *FINETUNE, "--max-update", "5", "--save-dir", tmp_path / "tuned",
                     "--restore-file", pre / "checkpoint_last.pt")
     rows = json_logs(tuned)
     assert [int(r["num_updates"]) for r in rows] == [1, 2, 3, 4, 5]  # the counter restarted

@@ -242,7 +242,7 @@ def _fingerprint(path):
 def test_cli_resume_with_another_expert_count_fails_before_training(lm_data, tiny_lm_checkpoint, tmp_path):
     """A checkpoint of 4 experts (tiny_lm_checkpoint, copied) resumed with --moe-expert-count 8: refused
     before training, the checkpoint and its folder untouched."""
-    from conftest import TINY_LM_DATA, TINY_RUN, run_cli
+    from conftest import run_cli, tiny_lm_args
 
     save = tmp_path / "ckpt"
     shutil.copytree(tiny_lm_checkpoint[0], save)
@@ -250,9 +250,8 @@ def test_cli_resume_with_another_expert_count_fails_before_training(lm_data, tin
     saved_files = sorted(p.name for p in save.iterdir())
     before = _fingerprint(ckpt)
 
-    proc = run_cli("fairseq-train", lm_data, *TINY_RUN, "--task", "language_modeling", "--arch", "transformer_lm_moe_tiny",
-                   "--criterion", "moe_cross_entropy", *TINY_LM_DATA, "--save-dir", save, "--disable-validation",
-                   "--max-update", "4", "--moe-expert-count", "8", "--restore-file", ckpt, check=False)
+    proc = run_cli("fairseq-train", *tiny_lm_args(lm_data, save), "--max-update", "4", "--moe-expert-count", "8",
+                   "--restore-file", ckpt, check=False)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "--moe-expert-count: the checkpoint has 4 experts in each MoE layer; this run asked for 8" in text, text[-4000:]

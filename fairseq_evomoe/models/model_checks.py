@@ -92,8 +92,7 @@ def checking_before_training(trainer_init):
 
     def init(self, cfg, task, model, criterion, *args, **kwargs):
         layers = moe_layers(model)
-        has_moe = bool(layers)
-        if has_moe:
+        if layers:
             name = next((n for n, c in CRITERION_REGISTRY.items() if type(criterion) is c), None)
             why = refusal_of_criterion(name)
             if why is not None:
@@ -102,7 +101,7 @@ def checking_before_training(trainer_init):
             if why is not None:
                 raise ValueError(why)
         trainer_init(self, cfg, task, model, criterion, *args, **kwargs)
-        if has_moe:
+        if layers:
             why = missing_restore_file(cfg.checkpoint.restore_file, cfg.checkpoint.save_dir, self.checkpoint_suffix)
             if why is not None:
                 raise ValueError(why)
